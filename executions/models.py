@@ -1,0 +1,157 @@
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from instances.models import CreditAccount, ToolInstance
+from tools.models import ToolDefinition
+
+
+class Mode(models.TextChoices):
+    SYNC = "SYNC"
+    ASYNC = "ASYNC"
+
+
+class Execution(models.Model):
+    """One attempt to run a tool: an audit record, written by the execution service only."""
+
+    class Status(models.TextChoices):
+        PENDING = "PENDING"
+        RUNNING = "RUNNING"
+        COMPLETED = "COMPLETED"
+        FAILED = "FAILED"
+        CANCELLED = "CANCELLED"
+        TIMED_OUT = "TIMED_OUT"
+
+    TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # Executions outlive the instance they ran on; owner and tool keep them attributable.
+    instance = models.ForeignKey(ToolInstance, on_delete=models.SET_NULL, null=True, related_name="executions")
+    tool = models.ForeignKey(ToolDefinition, on_delete=models.PROTECT, related_name="executions")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="executions")
+    mode = models.CharField(max_length=5, choices=Mode.choices)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    input_data = models.JSONField(default=dict, blank=True)
+    output_data = models.JSONField(null=True, blank=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    error_message = models.TextField(blank=True)
+    error_metadata = models.JSONField(default=dict, blank=True)
+    credits_consumed = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    request_fingerprint = models.CharField(max_length=64, blank=True)
+    cache_hit = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # GET /api/v1/executions/ (owner's history, newest first, cursor on created_at).
+            models.Index(fields=["owner", "-created_at"], name="execution_owner_created_idx"),
+            # GET /api/v1/executions/?instance=... and an instance's recent runs.
+            models.Index(fields=["instance", "-created_at"], name="execution_instance_created_idx"),
+            # GET /api/v1/executions/?status=FAILED (latest failures).
+            models.Index(fields=["owner", "status", "-created_at"], name="execution_owner_status_idx"),
+        ]
+        constraints = [
+            # Idempotency-Key: one execution per owner and key.
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="execution_idempotency_key_unique",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool_id} {self.mode} {self.status} {self.pk}"
+
+
+class Job(models.Model):
+    """The queued side of an ASYNC execution: what RQ runs and how far it got."""
+
+    class Status(models.TextChoices):
+        QUEUED = "QUEUED"
+        RUNNING = "RUNNING"
+        COMPLETED = "COMPLETED"
+        FAILED = "FAILED"
+        CANCELLED = "CANCELLED"
+        TIMED_OUT = "TIMED_OUT"
+
+    TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    execution = models.OneToOneField(Execution, on_delete=models.CASCADE, related_name="job")
+    # Denormalised from the execution for the per-instance list and per-owner fairness.
+    instance = models.ForeignKey(ToolInstance, on_delete=models.SET_NULL, null=True, related_name="jobs")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    queue = models.CharField(max_length=100, default="default")
+    rq_job_id = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    progress = models.PositiveSmallIntegerField(default=0)
+    current_step = models.CharField(max_length=300, blank=True)
+    step_index = models.PositiveIntegerField(null=True, blank=True)
+    steps_total = models.PositiveIntegerField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    max_attempts = models.PositiveSmallIntegerField(default=1)
+    worker_name = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # GET /api/v1/instances/{id}/jobs/ (newest first).
+            models.Index(fields=["instance", "-created_at"], name="job_instance_created_idx"),
+            # Fairness: how many RUNNING jobs an owner has.
+            models.Index(fields=["owner", "status"], name="job_owner_status_idx"),
+            # The reaper: RUNNING jobs whose heartbeat is stale.
+            models.Index(fields=["heartbeat_at"], condition=Q(status="RUNNING"), name="job_running_heartbeat_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(progress__lte=100), name="job_progress_at_most_100"),
+        ]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} {self.status} {self.progress}%"
+
+
+class CreditLedgerEntry(models.Model):
+    """One movement of an owner's credits; the account balance is their running sum."""
+
+    class Kind(models.TextChoices):
+        EXECUTION = "EXECUTION", "Execution charge"
+        ADJUSTMENT = "ADJUSTMENT", "Manual adjustment"
+        GRANT = "GRANT", "Opening grant"
+
+    account = models.ForeignKey(CreditAccount, on_delete=models.CASCADE, related_name="ledger")
+    kind = models.CharField(max_length=12, choices=Kind.choices)
+    amount = models.DecimalField(max_digits=14, decimal_places=4, help_text="Negative for a charge.")
+    execution = models.OneToOneField(
+        Execution, on_delete=models.SET_NULL, null=True, blank=True, related_name="ledger_entry"
+    )
+    reason = models.CharField(max_length=300, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "credit ledger entries"
+        indexes = [
+            # An account's ledger, newest first (admin inline, statements).
+            models.Index(fields=["account", "-created_at"], name="ledger_account_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount}"

@@ -1,0 +1,219 @@
+from typing import Any
+
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from toolexec.api import NewestFirstPagination
+from tools.api import CredentialSlotSerializer, PricingSerializer
+from tools.models import ToolDefinition
+
+from .models import ToolInstance
+from .readiness import readiness_check
+from .selectors import instance_list
+from .services import instance_create, instance_delete, instance_transition, instance_update
+
+
+class StatisticsSerializer(serializers.Serializer):
+    execution_count = serializers.IntegerField()
+    success_count = serializers.IntegerField()
+    failure_count = serializers.IntegerField()
+    failure_rate = serializers.FloatField()
+    credits_consumed = serializers.DecimalField(max_digits=14, decimal_places=4)
+    total_duration_ms = serializers.IntegerField()
+    last_executed_at = serializers.DateTimeField(allow_null=True)
+
+
+class InstanceSerializer(serializers.ModelSerializer):
+    tool_definition_id = serializers.SlugField(source="tool.slug")
+    tool_name = serializers.CharField(source="tool.name")
+    statistics = StatisticsSerializer(source="*")
+
+    class Meta:
+        model = ToolInstance
+        fields = [
+            "id",
+            "tool_definition_id",
+            "tool_name",
+            "workflow_id",
+            "name",
+            "config",
+            "credential_mappings",
+            "status",
+            "statistics",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class InstanceCreateSerializer(serializers.Serializer):
+    tool_definition_id = serializers.SlugRelatedField(
+        slug_field="slug",
+        queryset=ToolDefinition.objects.filter(is_active=True),
+        help_text="The slug of the tool, e.g. json-transform.",
+        error_messages={"does_not_exist": "There is no active tool {slug_name}={value}."},
+    )
+    workflow_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    name = serializers.CharField(max_length=200)
+    config = serializers.JSONField(required=False, default=dict, help_text="Default inputs for every run.")
+
+
+class InstanceUpdateSerializer(serializers.Serializer):
+    workflow_id = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    name = serializers.CharField(max_length=200, required=False)
+    config = serializers.JSONField(required=False)
+
+
+class CheckSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    passed = serializers.BooleanField()
+    message = serializers.CharField()
+    error_code = serializers.CharField(allow_null=True)
+    action_items = serializers.ListField(child=serializers.DictField())
+
+
+class ReadinessSerializer(serializers.Serializer):
+    is_ready = serializers.BooleanField()
+    error_code = serializers.CharField(allow_null=True)
+    error_message = serializers.CharField(allow_null=True)
+    action_items = serializers.ListField(child=serializers.DictField())
+    checks = CheckSerializer(many=True)
+
+
+class CapabilitiesSerializer(serializers.Serializer):
+    tool_definition_id = serializers.CharField()
+    name = serializers.CharField()
+    modes = serializers.ListField(child=serializers.CharField())
+    input_schema = serializers.DictField()
+    output_schema = serializers.DictField()
+    defaults = serializers.DictField()
+    credential_slots = CredentialSlotSerializer(many=True)
+    credential_mappings = serializers.DictField()
+    timeout_seconds = serializers.IntegerField()
+    pricing = PricingSerializer()
+    is_available = serializers.BooleanField()
+
+
+@extend_schema_view(
+    list=extend_schema(
+        parameters=[
+            OpenApiParameter("workflow_id", str, description="Only instances of this workflow."),
+            OpenApiParameter("status", str, enum=ToolInstance.Status.values),
+        ]
+    ),
+    create=extend_schema(request=InstanceCreateSerializer, responses={201: InstanceSerializer}),
+    update=extend_schema(request=InstanceUpdateSerializer, responses=InstanceSerializer),
+    partial_update=extend_schema(request=InstanceUpdateSerializer, responses=InstanceSerializer),
+)
+class InstanceViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Your tool instances: create, configure, check readiness, activate and disable."""
+
+    serializer_class = InstanceSerializer
+    pagination_class = NewestFirstPagination
+
+    def get_queryset(self) -> QuerySet[ToolInstance]:
+        params = self.request.query_params if self.action == "list" else {}
+        return instance_list(
+            owner=self.request.user, workflow_id=params.get("workflow_id"), status=params.get("status")
+        )
+
+    def get_serializer_class(self) -> type[serializers.Serializer]:
+        if self.action == "create":
+            return InstanceCreateSerializer
+        if self.action in ("update", "partial_update"):
+            return InstanceUpdateSerializer
+        return InstanceSerializer
+
+    def create(self, request: Request) -> Response:
+        data = InstanceCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        instance = instance_create(owner=request.user, tool=values.pop("tool_definition_id"), **values)
+        return Response(InstanceSerializer(instance).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request: Request, pk: str | None = None, partial: bool = False) -> Response:
+        instance = self.get_object()
+        data = InstanceUpdateSerializer(data=request.data, partial=partial)
+        data.is_valid(raise_exception=True)
+        instance = instance_update(instance=instance, **data.validated_data)
+        return Response(InstanceSerializer(instance).data)
+
+    def partial_update(self, request: Request, pk: str | None = None) -> Response:
+        return self.update(request, pk, partial=True)
+
+    def perform_destroy(self, instance: ToolInstance) -> None:
+        instance_delete(instance=instance)
+
+    @extend_schema(request=None, responses=InstanceSerializer)
+    @action(detail=True, methods=["post"])
+    def activate(self, request: Request, pk: str | None = None) -> Response:
+        instance = instance_transition(instance=self.get_object(), to=ToolInstance.Status.ACTIVE)
+        return Response(InstanceSerializer(instance).data)
+
+    @extend_schema(request=None, responses=InstanceSerializer)
+    @action(detail=True, methods=["post"])
+    def disable(self, request: Request, pk: str | None = None) -> Response:
+        instance = instance_transition(instance=self.get_object(), to=ToolInstance.Status.DISABLED)
+        return Response(InstanceSerializer(instance).data)
+
+    @extend_schema(responses=CapabilitiesSerializer)
+    @action(detail=True, methods=["get"])
+    def capabilities(self, request: Request, pk: str | None = None) -> Response:
+        instance = self.get_object()
+        tool = instance.tool
+        return Response(
+            {
+                "tool_definition_id": tool.slug,
+                "name": tool.name,
+                "modes": tool.modes,
+                "input_schema": tool.input_schema,
+                "output_schema": tool.output_schema,
+                "defaults": instance.config,
+                "credential_slots": tool.credential_slots,
+                "credential_mappings": instance.credential_mappings,
+                "timeout_seconds": tool.timeout_seconds,
+                "pricing": PricingSerializer(tool).data,
+                "is_available": tool.is_available,
+            }
+        )
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "mode", str, enum=["sync", "async"], description="Also check that the tool runs in this mode."
+            )
+        ],
+        responses=ReadinessSerializer,
+    )
+    @action(detail=True, methods=["get"], url_path="validate-execution")
+    def validate_execution(self, request: Request, pk: str | None = None) -> Response:
+        mode = request.query_params.get("mode") or None
+        if mode not in (None, "sync", "async"):
+            raise serializers.ValidationError({"mode": ["Must be sync or async."]})
+        readiness = readiness_check(instance=self.get_object(), mode=mode)
+        return Response(readiness.as_dict())
+
+
+def tool_inputs_serializer(instance: ToolInstance) -> serializers.Serializer:
+    """A serializer whose fields are the tool's inputs: the browsable API's form for a run."""
+    schema: dict[str, Any] = instance.tool.input_schema
+    required = set(schema.get("required", []))
+    fields = {
+        name: serializers.JSONField(
+            required=name in required and name not in instance.config,
+            help_text=prop.get("description", ""),
+            initial=instance.config.get(name, prop.get("default")),
+        )
+        for name, prop in schema.get("properties", {}).items()
+    }
+    return type("ToolInputs", (serializers.Serializer,), fields)()
+

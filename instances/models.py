@@ -1,0 +1,142 @@
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+
+from tools.models import ToolDefinition
+
+FERNET_PREFIX = "gAAAAA"  # every Fernet token starts with version byte 0x80 and a timestamp
+
+
+class EncryptedSecretField(models.TextField):
+    """Holds a Fernet token made by ``instances.crypto.seal``, never a plaintext secret.
+
+    Saving anything that is not a token is refused, so a secret can't land in the column by
+    mistake; reading gives the token back, which only ``crypto.unseal`` opens.
+    """
+
+    description = "Encrypted secret (Fernet token)"
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> str:
+        value = super().pre_save(model_instance, add)
+        if value and not str(value).startswith(FERNET_PREFIX):
+            raise ValueError(f"{self.name} must hold ciphertext; use Credential.set_secret().")
+        return value
+
+
+class Credential(models.Model):
+    class Kind(models.TextChoices):
+        OAUTH2 = "oauth2", "OAuth 2"
+        API_KEY = "api_key", "API key"
+        BEARER = "bearer", "Bearer token"
+        BASIC = "basic", "Username and password"
+
+    class Status(models.TextChoices):
+        ACTIVE = "ACTIVE"
+        EXPIRED = "EXPIRED"
+        REVOKED = "REVOKED"
+        ERROR = "ERROR"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="credentials")
+    provider = models.CharField(max_length=50)
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    label = models.CharField(max_length=200, blank=True)
+    secret = EncryptedSecretField(editable=False)
+    metadata = models.JSONField(default=dict, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [
+            # Resolving a provider key: the owner's newest ACTIVE credential of a provider.
+            models.Index(fields=["owner", "provider", "status", "-updated_at"], name="credential_resolve_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.kind}: {self.label or self.pk}"
+
+    def set_secret(self, secret: dict) -> None:
+        from .crypto import seal
+
+        self.secret = seal(secret, credential_id=str(self.pk), owner_id=self.owner_id)
+
+    def reveal_secret(self) -> dict:
+        from .crypto import unseal
+
+        return unseal(self.secret, credential_id=str(self.pk), owner_id=self.owner_id)
+
+
+class ToolInstance(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "DRAFT"
+        ACTIVE = "ACTIVE"
+        DISABLED = "DISABLED"
+        ERROR = "ERROR"
+
+    # The only moves a status may make (DESIGN.md §3: DRAFT → ACTIVE ⇄ DISABLED, ERROR).
+    TRANSITIONS: dict[str, frozenset[str]] = {
+        Status.DRAFT: frozenset({Status.ACTIVE, Status.DISABLED, Status.ERROR}),
+        Status.ACTIVE: frozenset({Status.DISABLED, Status.ERROR}),
+        Status.DISABLED: frozenset({Status.ACTIVE}),
+        Status.ERROR: frozenset({Status.ACTIVE, Status.DISABLED}),
+    }
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tool_instances")
+    tool = models.ForeignKey(ToolDefinition, on_delete=models.PROTECT, related_name="instances")
+    workflow_id = models.CharField(max_length=200, blank=True)
+    name = models.CharField(max_length=200)
+    config = models.JSONField(default=dict, blank=True, help_text="Default inputs, overridden per run.")
+    credential_mappings = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT)
+    status_reason = models.TextField(blank=True)
+    # Statistics, moved only with F() expressions by the execution service.
+    execution_count = models.PositiveBigIntegerField(default=0)
+    success_count = models.PositiveBigIntegerField(default=0)
+    failure_count = models.PositiveBigIntegerField(default=0)
+    credits_consumed = models.DecimalField(max_digits=14, decimal_places=4, default=Decimal("0"))
+    total_duration_ms = models.PositiveBigIntegerField(default=0)
+    last_executed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            # GET /api/v1/instances/ (newest first, cursor-paginated).
+            models.Index(fields=["owner", "-created_at"], name="instance_owner_created_idx"),
+            # GET /api/v1/instances/?workflow_id=...
+            models.Index(fields=["owner", "workflow_id"], name="instance_owner_workflow_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def can_move_to(self, status: str) -> bool:
+        return status in self.TRANSITIONS[self.status]
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failure_count / self.execution_count if self.execution_count else 0.0
+
+
+class CreditAccount(models.Model):
+    """An owner's credits, opened with TOOLEXEC_DEFAULT_CREDITS; moved only with F()."""
+
+    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="credit_account")
+    balance = models.DecimalField(max_digits=14, decimal_places=4, default=Decimal("0"))
+    is_unlimited = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.owner}: {'unlimited' if self.is_unlimited else self.balance}"
+
+    def covers(self, amount: Decimal) -> bool:
+        return self.is_unlimited or self.balance >= amount

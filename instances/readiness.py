@@ -1,0 +1,164 @@
+"""Is an instance ready to run? Every check, in words, with what to do about each problem.
+
+``readiness_check`` is what validate-execution shows and what execute-sync and
+execute-async refuse on. Checks carry a rank: the lowest-ranked failing check is "the most
+important problem" whose message and code an execution refusal uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from tools import registry
+from tools.errors import ErrorCode, action_items, envelope
+from tools.sdk import MODES
+
+from .models import CreditAccount, ToolInstance
+from .services import credit_account_for
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    message: str
+    rank: int
+    error_code: str = ""
+    action_items: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "message": self.message,
+            "error_code": self.error_code or None,
+            "action_items": self.action_items,
+        }
+
+
+@dataclass
+class Readiness:
+    instance: ToolInstance
+    checks: list[Check]
+    params: dict[str, Any]
+    account: CreditAccount
+
+    @property
+    def failures(self) -> list[Check]:
+        return sorted((c for c in self.checks if not c.passed), key=lambda c: c.rank)
+
+    @property
+    def is_ready(self) -> bool:
+        return not self.failures
+
+    @property
+    def action_items(self) -> list[dict[str, str]]:
+        items, seen = [], set()
+        for check in self.failures:
+            for item in check.action_items:
+                key = (item["action"], item.get("url", ""))
+                if key not in seen:
+                    seen.add(key)
+                    items.append(item)
+        order = {"high": 0, "medium": 1, "low": 2}
+        return sorted(items, key=lambda item: order.get(item["priority"], 3))
+
+    def as_dict(self) -> dict[str, Any]:
+        failures = self.failures
+        return {
+            "is_ready": not failures,
+            "error_code": failures[0].error_code if failures else None,
+            "error_message": failures[0].message if failures else None,
+            "action_items": self.action_items,
+            "checks": [check.as_dict() for check in self.checks],
+        }
+
+    def refusal(self) -> tuple[int, dict[str, Any]]:
+        """The error envelope (and HTTP status) that refuses a run on this readiness."""
+        from tools.errors import http_status
+
+        first = self.failures[0]
+        body = envelope(first.error_code, self.params, items=self.action_items)
+        body["error_message"] = first.message
+        return http_status(first.error_code), body
+
+
+def _failed(name: str, code: ErrorCode, rank: int, params: dict[str, Any]) -> Check:
+    return Check(
+        name=name,
+        passed=False,
+        message=envelope(code, params)["error_message"],
+        rank=rank,
+        error_code=code.value,
+        action_items=action_items(code, params),
+    )
+
+
+def readiness_check(*, instance: ToolInstance, mode: str | None = None) -> Readiness:
+    """All readiness checks for ``instance``; ``mode`` ("sync"/"async") adds the mode check.
+
+    Expects ``instance.tool`` loaded (and ``instance.owner.credit_account`` where the caller
+    can select it): it makes no query when both are.
+    """
+    tool = instance.tool
+    params: dict[str, Any] = {"tool": tool.name, "instance_id": str(instance.pk)}
+    checks: list[Check] = []
+
+    if tool.is_available and registry.get_tool(tool.slug) is not None:
+        checks.append(Check("tool_available", True, f"{tool.name} is installed on this server.", 10))
+    else:
+        checks.append(_failed("tool_available", ErrorCode.TOOL_UNAVAILABLE, 10, params))
+
+    if tool.is_active:
+        checks.append(Check("tool_active", True, f"{tool.name} is switched on.", 20))
+    else:
+        checks.append(_failed("tool_active", ErrorCode.TOOL_INACTIVE, 20, params))
+
+    status = instance.status
+    if status == ToolInstance.Status.ACTIVE:
+        checks.append(Check("instance_status", True, "The instance is active.", 30))
+    elif status == ToolInstance.Status.DISABLED:
+        checks.append(_failed("instance_status", ErrorCode.INSTANCE_DISABLED, 30, params))
+    elif status == ToolInstance.Status.ERROR:
+        checks.append(_failed("instance_status", ErrorCode.INSTANCE_ERROR, 30, params))
+    else:  # DRAFT: it becomes active once its required credentials are mapped.
+        checks.append(_failed("instance_status", ErrorCode.INSTANCE_DRAFT, 45, params))
+
+    for slot in tool.required_slots:
+        slot_params = {**params, "provider": slot["provider"].title(), "slot": slot["name"]}
+        name = f"credential:{slot['name']}"
+        if instance.credential_mappings.get(slot["name"]):
+            checks.append(Check(name, True, f"The {slot['name']} credential is mapped.", 40))
+        else:
+            checks.append(_failed(name, ErrorCode.CREDENTIAL_MISSING, 40, slot_params))
+
+    if mode is not None:
+        supported = [m for m in MODES if tool.supports(m)]
+        if tool.supports(mode):
+            checks.append(Check("mode", True, f"{tool.name} runs {mode}.", 50))
+        else:
+            other = supported[0] if supported else "sync"
+            mode_params = {
+                **params,
+                "mode": mode,
+                "supported_modes": " and ".join(supported) or "no",
+                "other_mode": other,
+            }
+            checks.append(_failed("mode", ErrorCode.MODE_NOT_SUPPORTED, 50, mode_params))
+
+    account = getattr(instance.owner, "credit_account", None) or credit_account_for(owner=instance.owner)
+    needed = tool.base_credits
+    free = tool.base_credits == 0 and tool.credits_per_unit == 0
+    if free or account.is_unlimited or (account.balance >= needed and account.balance > 0):
+        checks.append(Check("credits", True, "Your credit balance covers a run.", 60))
+    else:
+        credit_params = {**params, "needed": _credits(needed), "balance": _credits(account.balance)}
+        checks.append(_failed("credits", ErrorCode.INSUFFICIENT_CREDITS, 60, credit_params))
+
+    return Readiness(instance=instance, checks=checks, params=params, account=account)
+
+
+def _credits(amount: Decimal) -> str:
+    return f"{amount.normalize():f}"

@@ -1,0 +1,26 @@
+import factory
+from django.contrib.auth import get_user_model
+
+from instances.models import ToolInstance
+from tools.models import ToolDefinition
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
+    password = factory.PostGenerationMethodCall("set_password", "correct horse battery staple")
+
+
+class InstanceFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = ToolInstance
+
+    owner = factory.SubFactory(UserFactory)
+    tool = factory.LazyFunction(lambda: ToolDefinition.objects.get(slug="json-transform"))
+    name = factory.Sequence(lambda n: f"instance {n}")
+    workflow_id = "workflow-1"
+    status = ToolInstance.Status.ACTIVE

@@ -1,0 +1,78 @@
+"""Settings for the test suite: the production settings module, with the environment
+defaults `make test` documents, after checking that PostgreSQL and Redis answer.
+
+Under CI=true an unreachable service fails the run with a message saying which and where.
+Elsewhere the suite falls back to SQLite (and skips what needs Redis), and says so loudly.
+"""
+
+import os
+import secrets
+import socket
+import sys
+import tempfile
+from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet
+
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/toolexec")
+# A spare database index, so tests never touch the data of a dev server on index 0.
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+os.environ.setdefault("TOOLEXEC_ENCRYPTION_KEYS", Fernet.generate_key().decode())
+os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+os.environ.setdefault("TOOLEXEC_BASE_URL", "https://toolexec.test")
+os.environ["DEBUG"] = "false"  # tests run the production configuration
+os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme.startswith("sqlite"):
+        return True
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _shout(message: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr)
+
+
+POSTGRES_AVAILABLE = _reachable(os.environ["DATABASE_URL"], 5432)
+REDIS_AVAILABLE = _reachable(os.environ["REDIS_URL"], 6379)
+
+if IN_CI and not (POSTGRES_AVAILABLE and REDIS_AVAILABLE):
+    missing = []
+    if not POSTGRES_AVAILABLE:
+        missing.append(f"PostgreSQL at {os.environ['DATABASE_URL']}")
+    if not REDIS_AVAILABLE:
+        missing.append(f"Redis at {os.environ['REDIS_URL']}")
+    raise RuntimeError(
+        "CI=true and the test suite cannot reach " + " and ".join(missing) + ". "
+        "Start the service or point DATABASE_URL / REDIS_URL at one."
+    )
+
+if not POSTGRES_AVAILABLE:
+    _shout(
+        f"PostgreSQL is not reachable at {os.environ['DATABASE_URL']}: FALLING BACK TO SQLITE.\n"
+        "Concurrency tests are skipped; results do not count as a real run."
+    )
+    os.environ["DATABASE_URL"] = "sqlite:///:memory:"
+if not REDIS_AVAILABLE:
+    _shout(f"Redis is not reachable at {os.environ['REDIS_URL']}: tests that need Redis are SKIPPED.")
+
+from toolexec.settings import *  # noqa: E402,F403
+
+if not REDIS_AVAILABLE:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# Pages render and static files are served (by WhiteNoise, from the apps) without collectstatic.
+STATIC_ROOT = tempfile.mkdtemp(prefix="toolexec-static-")
+WHITENOISE_USE_FINDERS = True
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast user creation in tests

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ToolexecConfig(AppConfig):
+    name = "toolexec"
+    verbose_name = "Access"

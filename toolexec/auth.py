@@ -1,0 +1,28 @@
+from django.contrib.auth import authenticate
+from django.contrib.auth.models import AbstractBaseUser
+from rest_framework import exceptions
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.request import Request
+
+from .models import ApiToken, token_hash
+
+
+class HashedTokenAuthentication(TokenAuthentication):
+    """`Authorization: Token <key>`, looked up by the key's hash."""
+
+    model = ApiToken
+
+    def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, ApiToken]:
+        token = ApiToken.objects.select_related("user").filter(key_hash=token_hash(key)).first()
+        if token is None or not token.user.is_active:
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        return token.user, token
+
+
+def token_issue_for_login(*, request: Request, username: str, password: str) -> str:
+    """Check a username and password and issue a new token; the key is returned once."""
+    user = authenticate(request=request, username=username, password=password)
+    if user is None or not user.is_active:
+        raise exceptions.AuthenticationFailed("Unable to sign in with those credentials.")
+    _, key = ApiToken.issue(user=user, name="api login")
+    return key

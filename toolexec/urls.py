@@ -1,0 +1,34 @@
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from executions.api import ExecutionViewSet, InstanceRunViewSet
+from instances.api import InstanceViewSet
+from tools.api import ToolViewSet
+
+from .api import TokenView
+
+# "/?" accepts DESIGN.md's paths with and without a trailing slash.
+router = DefaultRouter()
+router.trailing_slash = "/?"
+router.include_format_suffixes = False
+router.register("tools", ToolViewSet, basename="tool")
+router.register("instances", InstanceViewSet, basename="instance")
+router.register("instances", InstanceRunViewSet, basename="instance-run")
+router.register("executions", ExecutionViewSet, basename="execution")
+
+urlpatterns = [
+    path("", RedirectView.as_view(url="/api/v1/", permanent=False)),
+    path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),
+    path("api/v1/", include(router.urls)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api-auth/", include("rest_framework.urls")),
+    path("admin/django-rq/", include("django_rq.urls")),
+    path("admin/", admin.site.urls),
+]
+
+handler404 = "toolexec.api.handler404"
+handler500 = "toolexec.api.handler500"

@@ -1,0 +1,167 @@
+"""The Tool SDK (DESIGN.md §6): what a tool author writes against.
+
+A tool is a subclass of :class:`Tool` with a slug, a JSON Schema for its inputs, its
+credential slots, the modes it supports and its pricing, and a ``run(inputs, ctx)`` method.
+It never touches the database: everything it needs from the platform comes through the
+:class:`ExecutionContext`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from .errors import Cancelled, CredentialMissing, ToolTimeout
+
+SYNC = "sync"
+ASYNC = "async"
+MODES = (SYNC, ASYNC)
+
+CREDIT_PLACES = Decimal("0.0001")
+
+
+@dataclass(frozen=True)
+class CredentialSlot:
+    """A named credential a tool needs, e.g. ``CredentialSlot("OAUTH_TOKEN", provider="google",
+    kind="oauth2", scopes=(...))``. ``kind`` may be one kind or a tuple of accepted kinds."""
+
+    name: str
+    provider: str
+    kind: str | tuple[str, ...]
+    scopes: tuple[str, ...] = ()
+    required: bool = True
+    description: str = ""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (self.kind,) if isinstance(self.kind, str) else tuple(self.kind)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "provider": self.provider,
+            "kinds": list(self.kinds),
+            "scopes": list(self.scopes),
+            "required": self.required,
+            "description": self.description,
+        }
+
+
+class Tool:
+    """Base class of every tool. Subclasses set the class attributes and implement ``run``."""
+
+    slug: ClassVar[str]
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    version: ClassVar[str] = "1.0.0"
+    category: ClassVar[str] = "general"
+    input_schema: ClassVar[dict[str, Any]] = {"type": "object"}
+    output_schema: ClassVar[dict[str, Any]] = {}
+    credential_slots: ClassVar[tuple[CredentialSlot, ...]] = ()
+    modes: ClassVar[frozenset[str]] = frozenset({SYNC})
+    timeout_seconds: ClassVar[int] = 30
+    base_credits: ClassVar[Decimal] = Decimal("0")
+    credits_per_unit: ClassVar[Decimal] = Decimal("0")
+    unit: ClassVar[str] = ""
+    cacheable: ClassVar[bool] = False
+    # Whether running the same inputs twice is harmless (decides automatic retries).
+    idempotent: ClassVar[bool] = True
+
+    def validate(self, inputs: dict[str, Any]) -> None:
+        """Checks beyond the JSON Schema, run before the execution is recorded.
+
+        Raise :class:`~tools.errors.InputInvalid` with ``field_errors`` to refuse the inputs.
+        """
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def credits_for(cls, units: Decimal) -> Decimal:
+        return (cls.base_credits + cls.credits_per_unit * units).quantize(CREDIT_PLACES)
+
+
+ProgressSink = Callable[[int, str], None]
+
+
+@dataclass
+class ExecutionContext:
+    """What a running tool gets from the platform.
+
+    ``progress_sink`` receives every progress change (the async runner coalesces database
+    writes there); ``cancel_probe`` is asked by :meth:`check_cancelled` whether someone
+    cancelled the run. A ``deadline`` (monotonic seconds) turns the next check after it into
+    :class:`~tools.errors.ToolTimeout`.
+    """
+
+    execution_id: str
+    tool_slug: str = ""
+    credentials: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    deadline: float | None = None
+    timeout_seconds: int | None = None
+    progress_sink: ProgressSink | None = None
+    cancel_probe: Callable[[], bool] | None = None
+    percent: int = 0
+    step: str = ""
+    units: Decimal = Decimal("0")
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stop_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.logger = logging.LoggerAdapter(
+            logging.getLogger(f"toolexec.tool.{self.tool_slug or 'unknown'}"),
+            {"execution_id": self.execution_id},
+        )
+
+    def credential(self, slot: str) -> dict[str, Any]:
+        """The decrypted secret mapped to ``slot`` for this run."""
+        try:
+            return dict(self.credentials[slot])
+        except KeyError:
+            raise CredentialMissing(slot=slot) from None
+
+    def progress(self, percent: float, step: str | None = None) -> None:
+        """Report progress (0–100, never going down) and the current step; cheap to call often."""
+        value = max(self.percent, min(100, int(percent)))
+        new_step = self.step if step is None else step
+        if value != self.percent or new_step != self.step:
+            self.percent, self.step = value, new_step
+            if self.progress_sink is not None:
+                self.progress_sink(value, new_step)
+        self.check_cancelled()
+
+    def usage(self, units: float | Decimal | int) -> None:
+        """Add ``units`` of work (the tool's pricing unit) to what this run is charged."""
+        self.units += Decimal(str(units))
+
+    def check_cancelled(self) -> None:
+        """Raise if the run was cancelled or has run out of time; tools call it between steps."""
+        if self._stop.is_set():
+            self._raise_stop()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stop("timeout")
+            self._raise_stop()
+        if self.cancel_probe is not None and self.cancel_probe():
+            self.stop("cancelled")
+            self._raise_stop()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait, waking at once when the run is stopped (instead of ``time.sleep``)."""
+        self._stop.wait(seconds)
+        self.check_cancelled()
+
+    def stop(self, reason: str) -> None:
+        """Ask the tool to stop at its next check (``reason``: "timeout" or "cancelled")."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    def _raise_stop(self) -> None:
+        if self._stop_reason == "timeout":
+            raise ToolTimeout(seconds=self.timeout_seconds or "")
+        raise Cancelled()
