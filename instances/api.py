@@ -121,10 +121,13 @@ class InstanceViewSet(
     pagination_class = NewestFirstPagination
 
     def get_queryset(self) -> QuerySet[ToolInstance]:
+        if getattr(self, "swagger_fake_view", False):  # schema generation
+            return ToolInstance.objects.none()
         params = self.request.query_params if self.action == "list" else {}
-        return instance_list(
-            owner=self.request.user, workflow_id=params.get("workflow_id"), status=params.get("status")
-        )
+        status_filter = (params.get("status") or "").upper() or None
+        if status_filter and status_filter not in ToolInstance.Status.values:
+            raise serializers.ValidationError({"status": [f"Must be one of: {', '.join(ToolInstance.Status.values)}."]})
+        return instance_list(owner=self.request.user, workflow_id=params.get("workflow_id"), status=status_filter)
 
     def get_serializer_class(self) -> type[serializers.Serializer]:
         if self.action == "create":
@@ -216,4 +219,3 @@ def tool_inputs_serializer(instance: ToolInstance) -> serializers.Serializer:
         for name, prop in schema.get("properties", {}).items()
     }
     return type("ToolInputs", (serializers.Serializer,), fields)()
-

@@ -12,5 +12,5 @@ def instance_list(
     if workflow_id:
         qs = qs.filter(workflow_id=workflow_id)
     if status:
-        qs = qs.filter(status=status.upper())
+        qs = qs.filter(status=status)
     return qs
