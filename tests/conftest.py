@@ -54,3 +54,38 @@ def other_api(other_user) -> APIClient:
     client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
     client.user = other_user
     return client
+
+
+@pytest.fixture
+def catalog(db):
+    """Registers the test tools of tests/tools.py and syncs the catalog; unregisters after.
+
+    Returns a function giving the ToolDefinition of a tool class or slug.
+    """
+    from tests.tools import ALL_TEST_TOOLS
+    from tools import registry
+    from tools.models import ToolDefinition
+    from tools.services import catalog_sync
+
+    for tool in ALL_TEST_TOOLS:
+        registry.register(tool)
+    catalog_sync()
+
+    def definition(tool) -> ToolDefinition:
+        slug = tool if isinstance(tool, str) else tool.slug
+        return ToolDefinition.objects.get(slug=slug)
+
+    yield definition
+    for tool in ALL_TEST_TOOLS:
+        registry.unregister(tool.slug)
+
+
+@pytest.fixture
+def make_instance(catalog):
+    """Creates an instance of a tool (class or slug) through the service, as the API does."""
+    from instances.services import instance_create
+
+    def make(tool="json-transform", *, owner, name="test instance", workflow_id="workflow-1", config=None):
+        return instance_create(owner=owner, tool=catalog(tool), name=name, workflow_id=workflow_id, config=config)
+
+    return make
