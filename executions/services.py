@@ -96,6 +96,7 @@ def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Executio
         status=Execution.Status.RUNNING,
         input_data=redact(merged),
         started_at=started,
+        created_at=started,
     )
     time_limit = min(definition.timeout_seconds, settings.TOOLEXEC_SYNC_TIMEOUT_SECONDS)
     ctx = ExecutionContext(
