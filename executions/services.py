@@ -7,6 +7,7 @@ ledger entry and the balance are written together. No transaction is open while 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -22,13 +23,14 @@ from django.utils import timezone
 
 from instances.models import CreditAccount, ToolInstance
 from instances.readiness import Readiness, readiness_check
+from instances.services import ResolvedCredential, credential_failure_record, credentials_resolve
+from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
 from tools import registry
-from tools.errors import ErrorCode, InputInvalid, ToolexecError, envelope
+from tools.errors import ErrorCode, InputInvalid, ToolexecError, ToolTimeout, envelope
 from tools.schemas import errors_by_field, summary
-from tools.sdk import SYNC, ExecutionContext, Tool, ToolTimeout
+from tools.sdk import SYNC, ExecutionContext, Tool
 
 from .models import CreditLedgerEntry, Execution, Mode
-from .redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ class Outcome:
     error: dict[str, Any] | None = None  # the envelope of a failed run
     credits: Decimal = Decimal("0")
 
+
+CREDENTIAL_FAILURES = frozenset(
+    {ErrorCode.CREDENTIAL_EXPIRED, ErrorCode.CREDENTIAL_REVOKED, ErrorCode.CREDENTIAL_INVALID}
+)
 
 _STATUS_FOR_ERROR = {
     ErrorCode.TIMEOUT: Execution.Status.TIMED_OUT,
@@ -83,9 +89,10 @@ def execution_prepare(*, instance: ToolInstance, mode: str, inputs: Any) -> tupl
 
 
 def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Execution, Outcome]:
-    """Run ``instance`` now and record it. Raises NotReady or InputInvalid before recording;
-    after that, every failure is an Outcome recorded on the Execution."""
+    """Run ``instance`` now and record it. Raises NotReady, InputInvalid or a credential error
+    before recording; after that, every failure is an Outcome recorded on the Execution."""
     tool, merged, readiness = execution_prepare(instance=instance, mode=SYNC, inputs=inputs)
+    resolved = credentials_resolve(credentials=readiness.credentials)
     definition = instance.tool
     started = timezone.now()
     execution = Execution.objects.create(
@@ -102,24 +109,25 @@ def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Executio
     ctx = ExecutionContext(
         execution_id=str(execution.pk),
         tool_slug=definition.slug,
-        credentials={},
+        credentials={slot: r.secret for slot, r in resolved.items()},
         deadline=time.monotonic() + time_limit,
         timeout_seconds=time_limit,
     )
+    params = {"tool": definition.name, "instance_id": str(instance.pk)}
     clock = time.monotonic()
-    outcome = _run_with_time_limit(
-        tool, merged, ctx, time_limit, params={"tool": definition.name, "instance_id": str(instance.pk)}
-    )
+    with secrets_in_play(r.secret for r in resolved.values()):
+        outcome = _outcome_of(_run_with_time_limit(tool, merged, ctx, time_limit), ctx, tool, params, resolved)
     duration_ms = int((time.monotonic() - clock) * 1000)
     execution_finish(execution=execution, outcome=outcome, duration_ms=duration_ms, account=readiness.account)
     return execution, outcome
 
 
-def _run_with_time_limit(
-    tool: Tool, inputs: dict[str, Any], ctx: ExecutionContext, seconds: int, *, params: dict[str, Any]
-) -> Outcome:
+def _run_with_time_limit(tool: Tool, inputs: dict[str, Any], ctx: ExecutionContext, seconds: int) -> Any:
     """Run the tool in a thread so the request can answer at the time limit; a tool still
-    running then is told to stop at its next check and its late result is discarded."""
+    running then is told to stop at its next check and its late result is discarded.
+
+    Returns the tool's result, or the exception it raised (ToolTimeout at the limit).
+    """
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -128,18 +136,22 @@ def _run_with_time_limit(
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the run's outcome
             box["error"] = exc
 
-    thread = threading.Thread(target=target, name=f"tool-{ctx.execution_id}", daemon=True)
+    # The copied context carries the secrets in play, so the tool's log lines are scrubbed.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(target,), name=f"tool-{ctx.execution_id}", daemon=True)
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
         ctx.stop("timeout")
-        return _failure(ToolTimeout(seconds=seconds), params, tool)
-    if "error" in box:
-        return _failure(box["error"], params, tool)
-    return _success(box.get("result"), ctx, params, tool)
+        return ToolTimeout(seconds=seconds)
+    return box["error"] if "error" in box else box.get("result")
 
 
-def _success(result: Any, ctx: ExecutionContext, params: dict[str, Any], tool: Tool) -> Outcome:
+def _outcome_of(
+    result: Any, ctx: ExecutionContext, tool: Tool, params: dict[str, Any], resolved: dict[str, ResolvedCredential]
+) -> Outcome:
+    if isinstance(result, BaseException):
+        return _failure(result, params, tool, resolved)
     if not isinstance(result, dict):
         logger.error("Tool %s returned %s instead of a dict", tool.slug, type(result).__name__)
         return Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.TOOL_ERROR, params))
@@ -148,12 +160,18 @@ def _success(result: Any, ctx: ExecutionContext, params: dict[str, Any], tool: T
     except (TypeError, ValueError):
         logger.error("Tool %s returned a result that is not JSON", tool.slug)
         return Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.TOOL_ERROR, params))
+    if resolved:
+        result = scrub_known(result)
     return Outcome(Execution.Status.COMPLETED, output=result, credits=tool.credits_for(ctx.units))
 
 
-def _failure(exc: BaseException, params: dict[str, Any], tool: Tool) -> Outcome:
+def _failure(
+    exc: BaseException, params: dict[str, Any], tool: Tool, resolved: dict[str, ResolvedCredential]
+) -> Outcome:
     if isinstance(exc, ToolexecError):
-        error = exc.envelope(params)
+        if exc.code in CREDENTIAL_FAILURES:
+            params = {**params, **credential_failure_record(error=exc, resolved=resolved)}
+        error = scrub_envelope(exc.envelope(params))
         return Outcome(_STATUS_FOR_ERROR.get(exc.code, Execution.Status.FAILED), error=error)
     logger.error("Tool %s failed unexpectedly", tool.slug, exc_info=exc)
     return Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.TOOL_ERROR, params))

@@ -11,10 +11,19 @@ from toolexec.api import NewestFirstPagination
 from tools.api import CredentialSlotSerializer, PricingSerializer
 from tools.models import ToolDefinition
 
-from .models import ToolInstance
+from .models import Credential, ToolInstance
 from .readiness import readiness_check
-from .selectors import instance_list
-from .services import instance_create, instance_delete, instance_transition, instance_update
+from .selectors import credential_list, instance_list
+from .services import (
+    credential_create,
+    credential_delete,
+    credential_update,
+    instance_configure_credentials,
+    instance_create,
+    instance_delete,
+    instance_transition,
+    instance_update,
+)
 
 
 class StatisticsSerializer(serializers.Serializer):
@@ -66,6 +75,13 @@ class InstanceUpdateSerializer(serializers.Serializer):
     workflow_id = serializers.CharField(max_length=200, required=False, allow_blank=True)
     name = serializers.CharField(max_length=200, required=False)
     config = serializers.JSONField(required=False)
+
+
+class ConfigureCredentialsSerializer(serializers.Serializer):
+    credential_mappings = serializers.DictField(
+        child=serializers.CharField(allow_null=True),
+        help_text='Slot → provider key (e.g. "google") or credential id; null removes a mapping.',
+    )
 
 
 class CheckSerializer(serializers.Serializer):
@@ -130,6 +146,8 @@ class InstanceViewSet(
         return instance_list(owner=self.request.user, workflow_id=params.get("workflow_id"), status=status_filter)
 
     def get_serializer_class(self) -> type[serializers.Serializer]:
+        if self.action == "configure_credentials":
+            return ConfigureCredentialsSerializer
         if self.action == "create":
             return InstanceCreateSerializer
         if self.action in ("update", "partial_update"):
@@ -166,6 +184,16 @@ class InstanceViewSet(
     @action(detail=True, methods=["post"])
     def disable(self, request: Request, pk: str | None = None) -> Response:
         instance = instance_transition(instance=self.get_object(), to=ToolInstance.Status.DISABLED)
+        return Response(InstanceSerializer(instance).data)
+
+    @extend_schema(request=ConfigureCredentialsSerializer, responses=InstanceSerializer)
+    @action(detail=True, methods=["post"], url_path="configure-credentials")
+    def configure_credentials(self, request: Request, pk: str | None = None) -> Response:
+        data = ConfigureCredentialsSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        instance = instance_configure_credentials(
+            instance=self.get_object(), mappings=data.validated_data["credential_mappings"]
+        )
         return Response(InstanceSerializer(instance).data)
 
     @extend_schema(responses=CapabilitiesSerializer)
@@ -219,3 +247,97 @@ def tool_inputs_serializer(instance: ToolInstance) -> serializers.Serializer:
         for name, prop in schema.get("properties", {}).items()
     }
     return type("ToolInputs", (serializers.Serializer,), fields)()
+
+
+# --- Credentials --------------------------------------------------------------------------
+
+
+class CredentialSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Credential
+        fields = [
+            "id",
+            "provider",
+            "kind",
+            "label",
+            "metadata",
+            "expires_at",
+            "status",
+            "fingerprint",
+            "last_used_at",
+            "last_error",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+
+class CredentialCreateSerializer(serializers.Serializer):
+    provider = serializers.CharField(max_length=50, help_text="A provider key, e.g. google or http.")
+    kind = serializers.ChoiceField(choices=Credential.Kind.choices)
+    label = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    secret = serializers.JSONField(
+        write_only=True,
+        style={"input_type": "password", "base_template": "textarea.html"},
+        help_text='oauth2 {"access_token", "refresh_token"?}; api_key {"api_key"}; bearer {"token"}; '
+        'basic {"username", "password"}. Never shown again.',
+    )
+    expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    metadata = serializers.JSONField(required=False, default=dict, help_text='e.g. {"header_name": "X-API-Key"}')
+
+
+class CredentialUpdateSerializer(serializers.Serializer):
+    label = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    secret = serializers.JSONField(
+        write_only=True, required=False, style={"input_type": "password", "base_template": "textarea.html"}
+    )
+    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    metadata = serializers.JSONField(required=False)
+
+
+@extend_schema_view(
+    create=extend_schema(request=CredentialCreateSerializer, responses={201: CredentialSerializer}),
+    update=extend_schema(request=CredentialUpdateSerializer, responses=CredentialSerializer),
+    partial_update=extend_schema(request=CredentialUpdateSerializer, responses=CredentialSerializer),
+)
+class CredentialViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Your credentials. Secrets are write-only: a fingerprint tells two apart."""
+
+    serializer_class = CredentialSerializer
+    pagination_class = NewestFirstPagination
+
+    def get_queryset(self) -> QuerySet[Credential]:
+        if getattr(self, "swagger_fake_view", False):  # schema generation
+            return Credential.objects.none()
+        return credential_list(owner=self.request.user, provider=self.request.query_params.get("provider"))
+
+    def get_serializer_class(self) -> type[serializers.Serializer]:
+        if self.action == "create":
+            return CredentialCreateSerializer
+        if self.action in ("update", "partial_update"):
+            return CredentialUpdateSerializer
+        return CredentialSerializer
+
+    def create(self, request: Request) -> Response:
+        data = CredentialCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        credential = credential_create(owner=request.user, **data.validated_data)
+        return Response(CredentialSerializer(credential).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request: Request, pk: str | None = None, partial: bool = False) -> Response:
+        credential = self.get_object()
+        data = CredentialUpdateSerializer(data=request.data, partial=partial)
+        data.is_valid(raise_exception=True)
+        credential = credential_update(credential=credential, **data.validated_data)
+        return Response(CredentialSerializer(credential).data)
+
+    def partial_update(self, request: Request, pk: str | None = None) -> Response:
+        return self.update(request, pk, partial=True)
+
+    def perform_destroy(self, credential: Credential) -> None:
+        credential_delete(credential=credential)

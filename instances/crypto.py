@@ -13,6 +13,7 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
+from django.utils.crypto import salted_hmac
 
 
 class SecretUnreadable(Exception):
@@ -48,3 +49,9 @@ def unseal(token: str, *, credential_id: str, owner_id: int) -> dict[str, Any]:
 def reseal(token: str) -> str:
     """Re-encrypt with the first key (key rotation); the bound plaintext is unchanged."""
     return fernet().rotate(token.encode()).decode()
+
+
+def fingerprint(secret: dict[str, Any]) -> str:
+    """A short keyed hash that tells two secrets apart and reveals nothing of either."""
+    canonical = json.dumps(secret, sort_keys=True, separators=(",", ":"))
+    return salted_hmac("toolexec.credential-fingerprint", canonical, algorithm="sha256").hexdigest()[:12]

@@ -1,4 +1,5 @@
 import uuid
+from datetime import datetime
 from decimal import Decimal
 
 from django.conf import settings
@@ -44,6 +45,9 @@ class Credential(models.Model):
     kind = models.CharField(max_length=20, choices=Kind.choices)
     label = models.CharField(max_length=200, blank=True)
     secret = EncryptedSecretField(editable=False)
+    # Non-secret facts about the secret, kept beside it so no read needs to decrypt.
+    fingerprint = models.CharField(max_length=16, editable=False)
+    refreshable = models.BooleanField(default=False, editable=False, help_text="An OAuth refresh token is stored.")
     metadata = models.JSONField(default=dict, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE)
@@ -62,9 +66,14 @@ class Credential(models.Model):
         return f"{self.provider}/{self.kind}: {self.label or self.pk}"
 
     def set_secret(self, secret: dict) -> None:
-        from .crypto import seal
+        from .crypto import fingerprint, seal
 
         self.secret = seal(secret, credential_id=str(self.pk), owner_id=self.owner_id)
+        self.fingerprint = fingerprint(secret)
+        self.refreshable = self.kind == self.Kind.OAUTH2 and bool(secret.get("refresh_token"))
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
     def reveal_secret(self) -> dict:
         from .crypto import unseal

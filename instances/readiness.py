@@ -8,14 +8,19 @@ important problem" whose message and code an execution refusal uses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
+
+from django.utils import timezone
 
 from tools import registry
 from tools.errors import ErrorCode, action_items, envelope
 from tools.sdk import MODES
 
-from .models import CreditAccount, ToolInstance
+from .models import Credential, CreditAccount, ToolInstance
+from .providers import provider_get, reconnect_path
+from .selectors import slot_credentials
 from .services import credit_account_for
 
 
@@ -44,6 +49,7 @@ class Readiness:
     checks: list[Check]
     params: dict[str, Any]
     account: CreditAccount
+    credentials: dict[str, Credential | None] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[Check]:
@@ -126,13 +132,10 @@ def readiness_check(*, instance: ToolInstance, mode: str | None = None) -> Readi
     else:  # DRAFT: it becomes active once its required credentials are mapped.
         checks.append(_failed("instance_status", ErrorCode.INSTANCE_DRAFT, 45, params))
 
+    credentials = slot_credentials(instance=instance) if tool.credential_slots else {}
+    now = timezone.now()
     for slot in tool.required_slots:
-        slot_params = {**params, "provider": slot["provider"].title(), "slot": slot["name"]}
-        name = f"credential:{slot['name']}"
-        if instance.credential_mappings.get(slot["name"]):
-            checks.append(Check(name, True, f"The {slot['name']} credential is mapped.", 40))
-        else:
-            checks.append(_failed(name, ErrorCode.CREDENTIAL_MISSING, 40, slot_params))
+        checks.append(_credential_check(slot, credentials.get(slot["name"]), instance, params, now))
 
     if mode is not None:
         supported = [m for m in MODES if tool.supports(m)]
@@ -157,7 +160,38 @@ def readiness_check(*, instance: ToolInstance, mode: str | None = None) -> Readi
         credit_params = {**params, "needed": _credits(needed), "balance": _credits(account.balance)}
         checks.append(_failed("credits", ErrorCode.INSUFFICIENT_CREDITS, 60, credit_params))
 
-    return Readiness(instance=instance, checks=checks, params=params, account=account)
+    return Readiness(instance=instance, checks=checks, params=params, account=account, credentials=credentials)
+
+
+def _credential_check(
+    slot: dict[str, Any], credential: Credential | None, instance: ToolInstance, params: dict[str, Any], now: datetime
+) -> Check:
+    """Mapped, exists, belongs to the owner, ACTIVE, and not expired (or refreshable)."""
+    provider = provider_get(slot["provider"])
+    name = f"credential:{slot['name']}"
+    slot_params = {
+        **params,
+        "provider": provider.display_name,
+        "slot": slot["name"],
+        "reconnect_path": reconnect_path(
+            provider=provider.key, credential_id=str(credential.pk) if credential else None
+        ),
+    }
+    if credential is None:
+        return _failed(name, ErrorCode.CREDENTIAL_MISSING, 40, slot_params)
+    status = credential.status
+    if status == Credential.Status.REVOKED:
+        return _failed(name, ErrorCode.CREDENTIAL_REVOKED, 40, slot_params)
+    if status == Credential.Status.ERROR:
+        detail = credential.last_error or "the provider refused it"
+        return _failed(name, ErrorCode.CREDENTIAL_INVALID, 40, {**slot_params, "detail": detail})
+    if status == Credential.Status.EXPIRED or (credential.is_expired(now) and not credential.refreshable):
+        return _failed(name, ErrorCode.CREDENTIAL_EXPIRED, 40, slot_params)
+    if credential.is_expired(now):
+        message = f"Your {provider.display_name} access has expired and will be refreshed when the tool runs."
+    else:
+        message = f"Your {provider.display_name} account is connected for {slot['name']}."
+    return Check(name, True, message, 40)
 
 
 def _credits(amount: Decimal) -> str:

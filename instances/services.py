@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -9,11 +12,13 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from tools.errors import ErrorCode, InputInvalid, ToolexecError
+from tools.errors import CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
 from tools.models import ToolDefinition
 from tools.schemas import defaults_errors
 
-from .models import CreditAccount, ToolInstance
+from .crypto import SecretUnreadable, reseal
+from .models import Credential, CreditAccount, ToolInstance
+from .providers import provider_get, providers, reconnect_path
 
 
 class TransitionRefused(ToolexecError):
@@ -68,8 +73,8 @@ def instance_update(*, instance: ToolInstance, **changes: Any) -> ToolInstance:
         raise ValueError(f"instance_update cannot change {sorted(unknown)}")
     if "config" in changes:
         _check_config(instance.tool, changes["config"])
-    for field, value in changes.items():
-        setattr(instance, field, value)
+    for name, value in changes.items():
+        setattr(instance, name, value)
     instance.save(update_fields=[*changes, "updated_at"])
     return instance
 
@@ -109,3 +114,313 @@ def instance_transition(*, instance: ToolInstance, to: str, reason: str = "") ->
         raise TransitionRefused(f"The instance changed meanwhile; it is now {instance.status.lower()}.")
     instance.status, instance.status_reason, instance.updated_at = to, reason, now
     return instance
+
+
+# --- Credentials --------------------------------------------------------------------------
+
+# The secret's fields per kind (DESIGN.md §3): required, then optional.
+SECRET_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    Credential.Kind.OAUTH2: (
+        frozenset({"access_token"}),
+        frozenset({"refresh_token", "token_type", "scope", "id_token"}),
+    ),
+    Credential.Kind.API_KEY: (frozenset({"api_key"}), frozenset()),
+    Credential.Kind.BEARER: (frozenset({"token"}), frozenset()),
+    Credential.Kind.BASIC: (frozenset({"username", "password"}), frozenset()),
+}
+
+
+class CredentialInUse(ToolexecError):
+    code = ErrorCode.INVALID_TRANSITION
+
+
+def _secret_errors(kind: str, secret: Any) -> dict[str, list[str]]:
+    if not isinstance(secret, dict):
+        return {"secret": ["Must be an object."]}
+    required, optional = SECRET_FIELDS[kind]
+    errors: dict[str, list[str]] = {}
+    for name in sorted(required - set(secret)):
+        errors[f"secret.{name}"] = ["This field is required."]
+    for name, value in secret.items():
+        if name not in required | optional:
+            allowed = ", ".join(sorted(required | optional))
+            errors[f"secret.{name}"] = [f"Unknown field for a {kind} secret; it takes: {allowed}."]
+        elif not isinstance(value, str) or not value.strip():
+            errors[f"secret.{name}"] = ["Must be a non-empty string."]
+    return errors
+
+
+def _check_credential(*, provider: str, kind: str, secret: Any | None, metadata: Any) -> None:
+    errors: dict[str, list[str]] = {}
+    known = providers()
+    if provider not in known:
+        errors["provider"] = [f"Unknown provider; use one of: {', '.join(sorted(known))}."]
+    elif kind not in known[provider].kinds:
+        errors["kind"] = [
+            f"{known[provider].display_name} credentials are of kind: {', '.join(known[provider].kinds)}."
+        ]
+    if kind not in SECRET_FIELDS:
+        errors["kind"] = [f"Must be one of: {', '.join(SECRET_FIELDS)}."]
+    elif secret is not None:
+        errors.update(_secret_errors(kind, secret))
+    if not isinstance(metadata, dict):
+        errors["metadata"] = ["Must be an object."]
+    elif "header_name" in metadata and not (isinstance(metadata["header_name"], str) and metadata["header_name"]):
+        errors["metadata.header_name"] = ["Must be a non-empty header name."]
+    if errors:
+        raise InputInvalid("The credential is not valid: " + "; ".join(errors), field_errors=errors)
+
+
+def credential_create(
+    *,
+    owner: AbstractBaseUser,
+    provider: str,
+    kind: str,
+    secret: dict[str, Any],
+    label: str = "",
+    expires_at: datetime | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Credential:
+    metadata = metadata or {}
+    _check_credential(provider=provider, kind=kind, secret=secret, metadata=metadata)
+    credential = Credential(
+        owner=owner, provider=provider, kind=kind, label=label, expires_at=expires_at, metadata=metadata
+    )
+    credential.set_secret(secret)
+    credential.save()
+    return credential
+
+
+def credential_update(*, credential: Credential, **changes: Any) -> Credential:
+    """Change label, secret, expires_at or metadata. A new secret makes the credential ACTIVE."""
+    allowed = {"label", "secret", "expires_at", "metadata"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"credential_update cannot change {sorted(unknown)}")
+    _check_credential(
+        provider=credential.provider,
+        kind=credential.kind,
+        secret=changes.get("secret"),
+        metadata=changes.get("metadata", credential.metadata),
+    )
+    fields = ["updated_at"]
+    if "secret" in changes:
+        credential.set_secret(changes.pop("secret"))
+        credential.status, credential.last_error = Credential.Status.ACTIVE, ""
+        fields += ["secret", "fingerprint", "refreshable", "status", "last_error"]
+    for name, value in changes.items():
+        setattr(credential, name, value)
+        fields.append(name)
+    credential.save(update_fields=fields)
+    return credential
+
+
+def credential_users(*, credential: Credential) -> list[ToolInstance]:
+    """The owner's instances that would lose this credential if it went away: those pinning
+    it, and those mapping its provider when no other ACTIVE credential of it remains."""
+    others_of_provider = (
+        Credential.objects.filter(
+            owner_id=credential.owner_id, provider=credential.provider, status=Credential.Status.ACTIVE
+        )
+        .exclude(pk=credential.pk)
+        .exists()
+    )
+    users = []
+    for instance in ToolInstance.objects.filter(owner_id=credential.owner_id).order_by("name"):
+        for value in instance.credential_mappings.values():
+            if value == str(credential.pk) or (value == credential.provider and not others_of_provider):
+                users.append(instance)
+                break
+    return users
+
+
+def credential_delete(*, credential: Credential) -> None:
+    """Delete a credential no instance depends on; otherwise refuse, naming the instances."""
+    with transaction.atomic():
+        Credential.objects.select_for_update().filter(pk=credential.pk).first()
+        users = credential_users(credential=credential)
+        if users:
+            names = ", ".join(f"{i.name!r}" for i in users)
+            raise CredentialInUse(
+                f"This credential is used by {len(users)} instance{'s' if len(users) != 1 else ''}: {names}. "
+                "Map those instances to another credential first.",
+                instances=[str(i.pk) for i in users],
+            )
+        credential.delete()
+
+
+def credential_mark_failed(*, credential_id: str, status: str, reason: str) -> bool:
+    """A tool found the credential expired, revoked or invalid: record it, once."""
+    return bool(
+        Credential.objects.filter(pk=credential_id)
+        .exclude(status=status)
+        .update(status=status, last_error=reason[:1000], updated_at=timezone.now())
+    )
+
+
+def credentials_mark_used(*, credential_ids: list[str]) -> None:
+    if credential_ids:
+        Credential.objects.filter(pk__in=credential_ids).update(last_used_at=timezone.now())
+
+
+def credential_rotate_keys(*, batch_size: int = 500) -> tuple[int, list[str]]:
+    """Re-encrypt every secret with the first key; returns (re-encrypted, unreadable ids).
+
+    Safe to run again at any time: each pass just re-encrypts with the current first key.
+    """
+    rotated, unreadable = 0, []
+    ids = list(Credential.objects.order_by("pk").values_list("pk", flat=True))
+    for start in range(0, len(ids), batch_size):
+        with transaction.atomic():
+            batch = list(Credential.objects.select_for_update().filter(pk__in=ids[start : start + batch_size]))
+            changed = []
+            for credential in batch:
+                try:
+                    credential.reveal_secret()  # proves it opens, and belongs to this row
+                    credential.secret = reseal(credential.secret)
+                except SecretUnreadable:
+                    unreadable.append(str(credential.pk))
+                    continue
+                changed.append(credential)
+            Credential.objects.bulk_update(changed, ["secret"])
+            rotated += len(changed)
+    return rotated, unreadable
+
+
+# --- Credential mappings ------------------------------------------------------------------
+
+
+def instance_configure_credentials(*, instance: ToolInstance, mappings: Any) -> ToolInstance:
+    """Map the tool's credential slots: a value is a provider key (resolved at run time) or the
+    id of one of the owner's credentials (pinned); ``null`` removes a slot's mapping. The
+    instance becomes ACTIVE once every required slot is mapped."""
+    if not isinstance(mappings, dict) or not mappings:
+        raise InputInvalid(
+            "credential_mappings must map slot names to a provider or a credential id.",
+            field_errors={"credential_mappings": ["Must be a non-empty object."]},
+        )
+    slots = {slot["name"]: slot for slot in instance.tool.credential_slots}
+    pinned_ids = {_as_uuid(v) for v in mappings.values() if isinstance(v, str)} - {None}
+    owned = {str(c.pk): c for c in Credential.objects.filter(owner_id=instance.owner_id, pk__in=pinned_ids)}
+    errors: dict[str, list[str]] = {}
+    for name, value in mappings.items():
+        path = f"credential_mappings.{name}"
+        slot = slots.get(name)
+        if slot is None:
+            names = ", ".join(slots) or "none"
+            errors[path] = [f"{instance.tool.name} has no credential slot {name!r}; its slots are: {names}."]
+        elif value is None:
+            continue
+        elif not isinstance(value, str) or not value:
+            errors[path] = ["Must be a provider key or a credential id."]
+        elif _as_uuid(value) is not None:
+            credential = owned.get(str(_as_uuid(value)))
+            if credential is None:
+                errors[path] = ["You have no credential with this id."]
+            elif credential.provider != slot["provider"]:
+                errors[path] = [f"This slot takes a {slot['provider']} credential, not {credential.provider}."]
+            elif credential.kind not in slot["kinds"]:
+                errors[path] = [
+                    f"This slot takes a credential of kind {' or '.join(slot['kinds'])}, not {credential.kind}."
+                ]
+        elif value != slot["provider"]:
+            errors[path] = [f"This slot takes the provider {slot['provider']!r}, not {value!r}."]
+    if errors:
+        raise InputInvalid("Some credential mappings are not valid: " + "; ".join(errors), field_errors=errors)
+
+    with transaction.atomic():
+        locked = ToolInstance.objects.select_for_update().get(pk=instance.pk)
+        merged = dict(locked.credential_mappings)
+        for name, value in mappings.items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = str(_as_uuid(value) or value)
+        instance.credential_mappings = merged
+        complete = all(merged.get(slot["name"]) for slot in instance.tool.required_slots)
+        now = timezone.now()
+        updates: dict[str, Any] = {"credential_mappings": merged, "updated_at": now}
+        if locked.status == ToolInstance.Status.DRAFT and complete:
+            updates["status"] = ToolInstance.Status.ACTIVE
+        ToolInstance.objects.filter(pk=instance.pk).update(**updates)
+    instance.status = updates.get("status", locked.status)
+    instance.updated_at = now
+    return instance
+
+
+def _as_uuid(value: Any) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+# --- Run time -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedCredential:
+    slot: str
+    credential_id: str
+    provider: str
+    secret: dict[str, Any] = field(repr=False)
+
+
+def credentials_resolve(*, credentials: dict[str, Credential | None]) -> dict[str, ResolvedCredential]:
+    """Decrypt the credentials readiness resolved, just before a run, and mark them used.
+
+    A secret that no longer decrypts (keys lost, row tampered with) turns the credential to
+    ERROR and refuses the run with CREDENTIAL_INVALID.
+    """
+    resolved: dict[str, ResolvedCredential] = {}
+    for slot, credential in credentials.items():
+        if credential is None:
+            continue
+        try:
+            secret = credential.reveal_secret()
+        except SecretUnreadable:
+            reason = "The stored secret can no longer be read; enter it again."
+            credential_mark_failed(credential_id=str(credential.pk), status=Credential.Status.ERROR, reason=reason)
+            raise CredentialInvalid(
+                reason, **credential_error_params(provider=credential.provider, credential_id=str(credential.pk))
+            ) from None
+        resolved[slot] = ResolvedCredential(slot, str(credential.pk), credential.provider, secret)
+    credentials_mark_used(credential_ids=[r.credential_id for r in resolved.values()])
+    return resolved
+
+
+def credential_error_params(*, provider: str, credential_id: str | None) -> dict[str, str]:
+    """Message parameters of a credential error: the provider's name and where to fix it."""
+    return {
+        "provider": provider_get(provider).display_name,
+        "reconnect_path": reconnect_path(provider=provider, credential_id=credential_id),
+    }
+
+
+_STATUS_FOR_CODE = {
+    ErrorCode.CREDENTIAL_EXPIRED: Credential.Status.EXPIRED,
+    ErrorCode.CREDENTIAL_REVOKED: Credential.Status.REVOKED,
+    ErrorCode.CREDENTIAL_INVALID: Credential.Status.ERROR,
+}
+
+
+def credential_failure_record(*, error: ToolexecError, resolved: dict[str, ResolvedCredential]) -> dict[str, str]:
+    """A tool said a credential is expired, revoked or invalid: move that credential to the
+    matching status and return the parameters its error message needs.
+
+    The credential is the one of the slot the error names, else the one of its provider, else
+    the only one the run had.
+    """
+    slot = error.params.get("slot")
+    candidates = list(resolved.values())
+    match = resolved.get(slot) if slot else None
+    if match is None and error.provider:
+        match = next((r for r in candidates if r.provider == error.provider), None)
+    if match is None and len(candidates) == 1:
+        match = candidates[0]
+    if match is None:
+        return {}
+    credential_mark_failed(
+        credential_id=match.credential_id, status=_STATUS_FOR_CODE[error.code], reason=error.detail or error.code.value
+    )
+    return credential_error_params(provider=match.provider, credential_id=match.credential_id)

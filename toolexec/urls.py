@@ -5,7 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from executions.api import ExecutionViewSet, InstanceRunViewSet
-from instances.api import InstanceViewSet
+from instances.api import CredentialViewSet, InstanceViewSet
 from tools.api import ToolViewSet
 
 from .api import TokenView
@@ -17,6 +17,7 @@ router.include_format_suffixes = False
 router.register("tools", ToolViewSet, basename="tool")
 router.register("instances", InstanceViewSet, basename="instance")
 router.register("instances", InstanceRunViewSet, basename="instance-run")
+router.register("credentials", CredentialViewSet, basename="credential")
 router.register("executions", ExecutionViewSet, basename="execution")
 
 urlpatterns = [
