@@ -2,6 +2,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import QuerySet
+from django.http import QueryDict
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
@@ -132,8 +133,13 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], url_path="execute-sync")
     def execute_sync(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
+        inputs = request.data
+        if isinstance(inputs, QueryDict):  # the browsable API's HTML form: decode its JSON fields
+            form = tool_inputs_serializer(instance, data=inputs)
+            form.is_valid(raise_exception=True)
+            inputs = form.validated_data
         try:
-            execution, outcome = execution_run_sync(instance=instance, inputs=request.data)
+            execution, outcome = execution_run_sync(instance=instance, inputs=inputs)
         except NotReady as not_ready:
             code_status, body = not_ready.readiness.refusal()
             return Response(body, status=code_status)

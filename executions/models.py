@@ -41,6 +41,8 @@ class Execution(models.Model):
     error_message = models.TextField(blank=True)
     error_metadata = models.JSONField(default=dict, blank=True)
     credits_consumed = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
+    # Taken off the balance when the run was recorded; settled against the charge when it ends.
+    credits_held = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)

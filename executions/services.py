@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -22,12 +23,21 @@ from django.db.models import F
 from django.utils import timezone
 
 from instances.models import CreditAccount, ToolInstance
+from instances.providers import provider_display
 from instances.readiness import Readiness, readiness_check
-from instances.services import ResolvedCredential, credential_failure_record, credentials_resolve
+from instances.services import (
+    ResolvedCredential,
+    credential_failure_record,
+    credentials_resolve,
+    credits_balance,
+    credits_hold,
+    credits_settle,
+    credits_words,
+)
 from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
 from tools import registry
-from tools.errors import ErrorCode, InputInvalid, ToolexecError, ToolTimeout, envelope
-from tools.schemas import errors_by_field, summary
+from tools.errors import ErrorCode, InputInvalid, InsufficientCredits, ToolexecError, ToolTimeout, envelope
+from tools.schemas import errors_by_field, nul_errors, summary
 from tools.sdk import SYNC, ExecutionContext, Tool
 
 from .models import CreditLedgerEntry, Execution, Mode
@@ -70,7 +80,7 @@ def inputs_prepare(*, instance: ToolInstance, tool: Tool, inputs: Any) -> dict[s
             field_errors={"(root)": ["Must be an object."]},
         )
     merged = {**instance.config, **inputs}
-    field_errors = errors_by_field(instance.tool.input_schema, merged)
+    field_errors = nul_errors(merged) or errors_by_field(instance.tool.input_schema, merged)
     if field_errors:
         raise InputInvalid(summary(field_errors), field_errors=field_errors)
     tool.validate(merged)
@@ -89,37 +99,60 @@ def execution_prepare(*, instance: ToolInstance, mode: str, inputs: Any) -> tupl
 
 
 def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Execution, Outcome]:
-    """Run ``instance`` now and record it. Raises NotReady, InputInvalid or a credential error
-    before recording; after that, every failure is an Outcome recorded on the Execution."""
+    """Run ``instance`` now and record it. Raises NotReady, InputInvalid, InsufficientCredits or
+    a credential error before recording; after that, every failure is an Outcome recorded on
+    the Execution."""
     tool, merged, readiness = execution_prepare(instance=instance, mode=SYNC, inputs=inputs)
-    resolved = credentials_resolve(credentials=readiness.credentials)
     definition = instance.tool
-    started = timezone.now()
-    execution = Execution.objects.create(
-        instance=instance,
-        tool=definition,
-        owner_id=instance.owner_id,
-        mode=Mode.SYNC,
-        status=Execution.Status.RUNNING,
-        input_data=redact(merged),
-        started_at=started,
-        created_at=started,
-    )
-    time_limit = min(definition.timeout_seconds, settings.TOOLEXEC_SYNC_TIMEOUT_SECONDS)
-    ctx = ExecutionContext(
-        execution_id=str(execution.pk),
-        tool_slug=definition.slug,
-        credentials={slot: r.secret for slot, r in resolved.items()},
-        deadline=time.monotonic() + time_limit,
-        timeout_seconds=time_limit,
-    )
     params = {"tool": definition.name, "instance_id": str(instance.pk)}
-    clock = time.monotonic()
+    try:
+        resolved = credentials_resolve(credentials=readiness.credentials)
+    except ToolexecError as exc:
+        exc.params.update(params)
+        raise
     with secrets_in_play(r.secret for r in resolved.values()):
+        execution = execution_record_start(instance=instance, inputs=merged, mode=Mode.SYNC, account=readiness.account)
+        time_limit = min(definition.timeout_seconds, settings.TOOLEXEC_SYNC_TIMEOUT_SECONDS)
+        ctx = ExecutionContext(
+            execution_id=str(execution.pk),
+            tool_slug=definition.slug,
+            credentials={slot: r.secret for slot, r in resolved.items()},
+            deadline=time.monotonic() + time_limit,
+            timeout_seconds=time_limit,
+        )
+        clock = time.monotonic()
         outcome = _outcome_of(_run_with_time_limit(tool, merged, ctx, time_limit), ctx, tool, params, resolved)
-    duration_ms = int((time.monotonic() - clock) * 1000)
+        duration_ms = int((time.monotonic() - clock) * 1000)
     execution_finish(execution=execution, outcome=outcome, duration_ms=duration_ms, account=readiness.account)
     return execution, outcome
+
+
+def execution_record_start(
+    *, instance: ToolInstance, inputs: dict[str, Any], mode: str, account: CreditAccount
+) -> Execution:
+    """Record the attempt (RUNNING for sync), holding the tool's minimum price on the account
+    in the same transaction, so concurrent runs cannot spend the same credits twice."""
+    definition = instance.tool
+    hold = Decimal("0") if account.is_unlimited else definition.base_credits
+    started = timezone.now()
+    with transaction.atomic() if hold else nullcontext():
+        if hold and not credits_hold(account=account, amount=hold):
+            raise InsufficientCredits(
+                tool=definition.name,
+                needed=credits_words(hold),
+                balance=credits_words(credits_balance(account=account)),
+            )
+        return Execution.objects.create(
+            instance=instance,
+            tool=definition,
+            owner_id=instance.owner_id,
+            mode=mode,
+            status=Execution.Status.RUNNING if mode == Mode.SYNC else Execution.Status.PENDING,
+            input_data=redact(inputs),
+            credits_held=hold,
+            started_at=started if mode == Mode.SYNC else None,
+            created_at=started,
+        )
 
 
 def _run_with_time_limit(tool: Tool, inputs: dict[str, Any], ctx: ExecutionContext, seconds: int) -> Any:
@@ -169,6 +202,8 @@ def _failure(
     exc: BaseException, params: dict[str, Any], tool: Tool, resolved: dict[str, ResolvedCredential]
 ) -> Outcome:
     if isinstance(exc, ToolexecError):
+        if exc.provider:
+            params = {**params, "provider": provider_display(exc.provider)}
         if exc.code in CREDENTIAL_FAILURES:
             params = {**params, **credential_failure_record(error=exc, resolved=resolved)}
         error = scrub_envelope(exc.envelope(params))
@@ -212,9 +247,10 @@ def execution_finish(
                 total_duration_ms=F("total_duration_ms") + duration_ms,
                 last_executed_at=now,
             )
+        if account is not None:
+            # Settle what the run costs against what was held when it started.
+            credits_settle(account=account, held=execution.credits_held, charge=credits)
         if credits and account is not None:
-            if not account.is_unlimited:
-                CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") - credits, updated_at=now)
             CreditLedgerEntry.objects.create(
                 account=account, kind=CreditLedgerEntry.Kind.EXECUTION, amount=-credits, execution=execution
             )

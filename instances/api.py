@@ -234,19 +234,36 @@ class InstanceViewSet(
         return Response(readiness.as_dict())
 
 
-def tool_inputs_serializer(instance: ToolInstance) -> serializers.Serializer:
-    """A serializer whose fields are the tool's inputs: the browsable API's form for a run."""
+_FORM_FIELDS: dict[str, type[serializers.Field]] = {
+    "string": serializers.CharField,
+    "integer": serializers.IntegerField,
+    "number": serializers.FloatField,
+    "boolean": serializers.BooleanField,
+}
+
+
+def tool_inputs_serializer(instance: ToolInstance, **kwargs: Any) -> serializers.Serializer:
+    """A serializer whose fields are the tool's inputs: the browsable API's form for a run.
+
+    Plain strings, numbers and booleans get their own inputs; anything else is typed as JSON.
+    The JSON Schema check still decides what is valid.
+    """
     schema: dict[str, Any] = instance.tool.input_schema
     required = set(schema.get("required", []))
-    fields = {
-        name: serializers.JSONField(
-            required=name in required and name not in instance.config,
-            help_text=prop.get("description", ""),
-            initial=instance.config.get(name, prop.get("default")),
+    fields = {}
+    for name, prop in schema.get("properties", {}).items():
+        field_class = _FORM_FIELDS.get(
+            prop.get("type") if isinstance(prop.get("type"), str) else "", serializers.JSONField
         )
-        for name, prop in schema.get("properties", {}).items()
-    }
-    return type("ToolInputs", (serializers.Serializer,), fields)()
+        options: dict[str, Any] = {
+            "required": name in required and name not in instance.config,
+            "help_text": prop.get("description", ""),
+            "initial": instance.config.get(name, prop.get("default")),
+        }
+        if field_class is serializers.CharField:
+            options["allow_blank"] = True
+        fields[name] = field_class(**options)
+    return type("ToolInputs", (serializers.Serializer,), fields)(**kwargs)
 
 
 # --- Credentials --------------------------------------------------------------------------

@@ -46,6 +46,12 @@ def provider_get(key: str) -> Provider:
     return providers().get(key) or Provider(key=key, display_name=key.replace("_", " ").title(), kinds=())
 
 
+def provider_display(key: str) -> str:
+    """The display name of a provider key; a name we don't know is shown as it was given."""
+    known = providers().get(key)
+    return known.display_name if known else key
+
+
 def reconnect_path(*, provider: str, credential_id: str | None) -> str:
     """Where to fix credential ``credential_id`` of ``provider`` (or connect one, if None)."""
     entry = provider_get(provider)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from django.utils import timezone
@@ -21,7 +20,7 @@ from tools.sdk import MODES
 from .models import Credential, CreditAccount, ToolInstance
 from .providers import provider_get, reconnect_path
 from .selectors import slot_credentials
-from .services import credit_account_for
+from .services import credit_account_for, credits_words
 
 
 @dataclass
@@ -157,7 +156,7 @@ def readiness_check(*, instance: ToolInstance, mode: str | None = None) -> Readi
     if free or account.is_unlimited or (account.balance >= needed and account.balance > 0):
         checks.append(Check("credits", True, "Your credit balance covers a run.", 60))
     else:
-        credit_params = {**params, "needed": _credits(needed), "balance": _credits(account.balance)}
+        credit_params = {**params, "needed": credits_words(needed), "balance": credits_words(account.balance)}
         checks.append(_failed("credits", ErrorCode.INSUFFICIENT_CREDITS, 60, credit_params))
 
     return Readiness(instance=instance, checks=checks, params=params, account=account, credentials=credentials)
@@ -192,7 +191,3 @@ def _credential_check(
     else:
         message = f"Your {provider.display_name} account is connected for {slot['name']}."
     return Check(name, True, message, 40)
-
-
-def _credits(amount: Decimal) -> str:
-    return f"{amount.normalize():f}"

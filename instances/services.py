@@ -5,16 +5,19 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
+from toolexec.redaction import scrub
 from tools.errors import CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
 from tools.models import ToolDefinition
-from tools.schemas import defaults_errors
+from tools.schemas import defaults_errors, nul_errors
 
 from .crypto import SecretUnreadable, reseal
 from .models import Credential, CreditAccount, ToolInstance
@@ -33,12 +36,38 @@ def credit_account_for(*, owner: AbstractBaseUser) -> CreditAccount:
     return account
 
 
+def credits_words(amount: Decimal) -> str:
+    """A credit amount as people write it: 0.01, 2, 99.5."""
+    return f"{amount.normalize():f}"
+
+
+def credits_balance(*, account: CreditAccount) -> Decimal:
+    return CreditAccount.objects.filter(pk=account.pk).values_list("balance", flat=True).get()
+
+
+def credits_hold(*, account: CreditAccount, amount: Decimal) -> bool:
+    """Take ``amount`` off the balance if it covers it (one conditional update)."""
+    return bool(
+        CreditAccount.objects.filter(pk=account.pk, balance__gte=amount).update(
+            balance=F("balance") - amount, updated_at=timezone.now()
+        )
+    )
+
+
+def credits_settle(*, account: CreditAccount, held: Decimal, charge: Decimal) -> None:
+    """Turn a hold into the real charge: return what was held beyond it, or take the rest
+    (usage beyond the hold may take the balance below zero; the work was done)."""
+    difference = charge - held
+    if difference and not account.is_unlimited:
+        CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") - difference, updated_at=timezone.now())
+
+
 def _check_config(tool: ToolDefinition, config: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InputInvalid(
             "config must be an object of default inputs.", field_errors={"config": ["Must be an object."]}
         )
-    errors = defaults_errors(tool.input_schema, config)
+    errors = nul_errors(config) or defaults_errors(tool.input_schema, config)
     if errors:
         raise InputInvalid(
             "Some default inputs in config are not valid for this tool.",
@@ -165,6 +194,8 @@ def _check_credential(*, provider: str, kind: str, secret: Any | None, metadata:
         errors.update(_secret_errors(kind, secret))
     if not isinstance(metadata, dict):
         errors["metadata"] = ["Must be an object."]
+    elif nul_errors(metadata):
+        errors.update({f"metadata.{path}": messages for path, messages in nul_errors(metadata).items()})
     elif "header_name" in metadata and not (isinstance(metadata["header_name"], str) and metadata["header_name"]):
         errors["metadata.header_name"] = ["Must be a non-empty header name."]
     if errors:
@@ -421,6 +452,8 @@ def credential_failure_record(*, error: ToolexecError, resolved: dict[str, Resol
     if match is None:
         return {}
     credential_mark_failed(
-        credential_id=match.credential_id, status=_STATUS_FOR_CODE[error.code], reason=error.detail or error.code.value
+        credential_id=match.credential_id,
+        status=_STATUS_FOR_CODE[error.code],
+        reason=scrub(error.detail) or error.code.value,
     )
     return credential_error_params(provider=match.provider, credential_id=match.credential_id)

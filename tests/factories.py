@@ -4,15 +4,16 @@ from django.contrib.auth import get_user_model
 from instances.models import ToolInstance
 from tools.models import ToolDefinition
 
+PASSWORD = "correct horse battery staple"
+
 
 class UserFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = get_user_model()
-        skip_postgeneration_save = True
 
     username = factory.Sequence(lambda n: f"user{n}")
     email = factory.LazyAttribute(lambda u: f"{u.username}@example.com")
-    password = factory.PostGenerationMethodCall("set_password", "correct horse battery staple")
+    password = factory.django.Password(PASSWORD)
 
 
 class InstanceFactory(factory.django.DjangoModelFactory):

@@ -10,6 +10,7 @@ import secrets
 import socket
 import sys
 import tempfile
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
@@ -72,7 +73,8 @@ if not REDIS_AVAILABLE:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # Pages render and static files are served (by WhiteNoise, from the apps) without collectstatic.
-STATIC_ROOT = tempfile.mkdtemp(prefix="toolexec-static-")
+STATIC_ROOT = Path(tempfile.gettempdir()) / "toolexec-test-static"  # empty; one for every run
+STATIC_ROOT.mkdir(exist_ok=True)
 WHITENOISE_USE_FINDERS = True
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast user creation in tests

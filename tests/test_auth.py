@@ -123,11 +123,6 @@ def test_token_of_a_deleted_user_stops_working(user):
     assert_envelope(token_client(key).get("/api/v1/instances/"), 401, "NOT_AUTHENTICATED")
 
 
-@pytest.mark.xfail(
-    reason="BUG: TokenView has no authentication classes, so DRF turns AuthenticationFailed into 403 "
-    "(no WWW-Authenticate to send): a wrong password answers 403, not 401",
-    strict=True,
-)
 def test_wrong_password_answers_401_in_the_envelope(user):
     response = sign_in(APIClient(), user.username, "not the password")
 
@@ -146,16 +141,11 @@ def test_wrong_password_gets_no_token_and_the_not_authenticated_code(user):
     assert not ApiToken.objects.filter(user=user).exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: the NOT_AUTHENTICATED catalog message ignores the detail, so a wrong password is told "
-    "'Sign in first: send an API token…' instead of that the username or password is wrong",
-    strict=True,
-)
 def test_wrong_password_is_told_the_credentials_are_wrong(user):
     body = sign_in(APIClient(), user.username, "not the password").json()
 
     assert "Sign in first" not in body["error_message"]
-    assert "Unable to sign in with those credentials" in body["error_message"]
+    assert "username and password do not match" in body["error_message"]
 
 
 def test_unknown_user_and_wrong_password_get_the_same_answer(user):
@@ -182,11 +172,6 @@ def test_token_request_without_fields_names_them(db):
     assert set(body["metadata"]["field_errors"]) == {"username", "password"}
 
 
-@pytest.mark.xfail(
-    reason="BUG: auth/token/ is a plain path without the router's '/?', so POST /api/v1/auth/token "
-    "gets a 301 to the slashed URL (the body is lost) while every other DESIGN.md path works without it",
-    strict=True,
-)
 def test_token_path_works_without_trailing_slash(user):
     response = sign_in(APIClient(), user.username, PASSWORD, path="/api/v1/auth/token")
 
@@ -232,11 +217,6 @@ def test_browsable_execute_sync_page_offers_a_form_with_the_tools_inputs(user, m
     assert "Traceback (most recent call last)" not in page
 
 
-@pytest.mark.xfail(
-    reason="BUG: execute-sync hands request.data to the service as is; a form post is a QueryDict, "
-    "so each input arrives as a list of raw strings and the browsable API's own form is refused",
-    strict=True,
-)
 def test_browsable_execute_sync_form_submission_runs_the_tool(user, make_instance):
     """The form the browsable API shows posts form-encoded fields, each holding JSON."""
     instance = make_instance(owner=user)

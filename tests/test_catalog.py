@@ -176,13 +176,6 @@ def test_sync_marks_a_definition_with_a_missing_implementation_unavailable_with_
     assert any("ghost-tool" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: catalog_sync logs when `not definition.is_available or reason changed`, i.e. on every "
-        "sync while the tool stays unavailable; the condition should be `definition.is_available or ...`"
-    ),
-    strict=True,
-)
 def test_an_unchanged_unavailable_reason_is_logged_once(ghost, caplog):
     catalog_sync()
     caplog.clear()
@@ -349,14 +342,6 @@ def test_sync_imports_a_stored_implementation_that_is_installed_but_not_yet_regi
     assert (definition.is_available, definition.unavailable_reason) == (True, "")
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: catalog_sync counts a stored definition as available as soon as its implementation "
-        "path imports, even when that class registers under another slug (a renamed tool): the row "
-        "keeps is_available=True while readiness refuses it as TOOL_UNAVAILABLE"
-    ),
-    strict=True,
-)
 def test_a_definition_whose_implementation_now_has_another_slug_is_unavailable(db):
     ToolDefinition.objects.create(
         slug="old-noop-slug", name="Old No-op", implementation="tests.tools.NoopTool", modes=["sync"]

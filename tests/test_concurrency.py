@@ -137,13 +137,6 @@ def test_fifty_concurrent_runs_priced_by_usage_charge_each_run_its_own_units(use
     _assert_books_balance(instance=instance, owner=user, expected_credits=expected, runs=THREADS)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: readiness checks the balance and execution_finish debits it later without a "
-        "condition, so concurrent runs all pass the check and overdraw the account"
-    ),
-    strict=True,
-)
 def test_concurrent_runs_never_overdraw_the_credit_account(user, token_key, make_instance):
     """With credits for one run, 50 simultaneous runs charge one; the rest answer 402."""
     instance = make_instance("json-transform", owner=user)
@@ -207,14 +200,6 @@ class _FreshlyInstalledTool(Tool):
     name = "Test Freshly Installed"
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: catalog_sync inserts a new definition with create() after reading the stored rows; "
-        "two syncs at once (two processes starting, migrate beside sync_tools) both insert the "
-        "slug and the later one fails with IntegrityError"
-    ),
-    strict=True,
-)
 def test_concurrent_catalog_syncs_all_succeed_and_create_one_definition(db):
     registry.register(_FreshlyInstalledTool)
     try:

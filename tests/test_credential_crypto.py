@@ -140,12 +140,6 @@ def test_run_with_a_copied_ciphertext_is_refused_and_marks_the_credential(api, c
     assert readiness["error_code"] == "CREDENTIAL_INVALID"
 
 
-@pytest.mark.xfail(
-    reason="BUG: credentials_resolve raises CredentialInvalid(reason, provider=..., reconnect_path=...): "
-    "ToolexecError takes provider= as its own argument, not a message param, and the view renders the "
-    "envelope with no tool name, so the answer reads 'This tool could not use your the provider account'",
-    strict=True,
-)
 def test_refusal_for_an_unreadable_secret_names_the_tool(api, catalog):
     source = create_credential(api, google_secret(), label="source")
     target = create_credential(api, google_secret(), label="target")

@@ -19,6 +19,10 @@ from toolexec.models import ApiToken
 from tools.models import ToolDefinition
 
 SYNC_RUN_BUDGET = 10
+# A priced run also holds its minimum price in the attempt's transaction (BEGIN, UPDATE, COMMIT
+# around the INSERT), so concurrent runs can't spend the same credits; usage beyond the hold
+# adds one settling UPDATE.
+PRICED_RUN_BUDGET = 12
 
 pytestmark = pytest.mark.django_db
 
@@ -71,10 +75,12 @@ def test_sync_run_of_a_free_tool_takes_at_most_ten_queries(api, user, make_insta
     assert _ok(response)["data"] == {"echo": "hi"}
 
 
-def test_sync_run_of_a_priced_tool_takes_at_most_ten_queries(api, user, make_instance, django_assert_max_num_queries):
+def test_sync_run_of_a_priced_tool_takes_at_most_twelve_queries(
+    api, user, make_instance, django_assert_max_num_queries
+):
     instance = make_instance("json-transform", owner=user)
 
-    with django_assert_max_num_queries(SYNC_RUN_BUDGET):
+    with django_assert_max_num_queries(PRICED_RUN_BUDGET):
         response = api.post(
             f"/api/v1/instances/{instance.pk}/execute-sync", {"expression": "a", "data": {"a": 1}}, format="json"
         )
@@ -84,23 +90,25 @@ def test_sync_run_of_a_priced_tool_takes_at_most_ten_queries(api, user, make_ins
     assert body["credits_consumed"] == pytest.approx(0.01)
 
 
-def test_sync_run_with_usage_pricing_takes_at_most_ten_queries(api, user, make_instance, django_assert_max_num_queries):
+def test_sync_run_with_usage_pricing_takes_at_most_twelve_queries(
+    api, user, make_instance, django_assert_max_num_queries
+):
     instance = make_instance("test-priced", owner=user)
 
-    with django_assert_max_num_queries(SYNC_RUN_BUDGET):
+    with django_assert_max_num_queries(PRICED_RUN_BUDGET):
         response = api.post(f"/api/v1/instances/{instance.pk}/execute-sync", {"units": 2}, format="json")
 
     assert _ok(response)["credits_consumed"] == pytest.approx(1.01)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_sync_run_outside_a_test_transaction_takes_at_most_ten_queries(
+def test_priced_sync_run_outside_a_test_transaction_takes_at_most_twelve_queries(
     api, user, make_instance, django_assert_max_num_queries
 ):
     """As in production: no surrounding test transaction, so no savepoints in the count."""
     instance = make_instance("json-transform", owner=user)
 
-    with django_assert_max_num_queries(SYNC_RUN_BUDGET):
+    with django_assert_max_num_queries(PRICED_RUN_BUDGET):
         response = api.post(
             f"/api/v1/instances/{instance.pk}/execute-sync", {"expression": "a", "data": {"a": 1}}, format="json"
         )

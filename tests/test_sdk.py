@@ -184,14 +184,6 @@ def test_sleep_waits_its_time_when_nothing_stops_it():
     assert time.monotonic() - started >= 0.09
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: ExecutionContext.sleep waits on the stop event for the full duration and only checks "
-        "the deadline afterwards, so a tool sleeping past its deadline overruns it; wait "
-        "min(seconds, deadline - now) instead"
-    ),
-    strict=True,
-)
 def test_sleep_does_not_sleep_past_the_deadline():
     ctx = ExecutionContext(execution_id="e-1", deadline=time.monotonic() + 0.1, timeout_seconds=1)
     started = time.monotonic()
@@ -442,15 +434,6 @@ def test_summary_names_every_failing_field_in_one_sentence():
     assert summary(errors) == "The inputs are not valid. count: Must be of type integer.; mode: This field is required."
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: errors_by_field reports properties matched by patternProperties as 'Unknown field.' "
-        "when additionalProperties is false: it takes the known names from `properties` only; use "
-        "the property names jsonschema's additionalProperties error reports (error.message / "
-        "find_additional_properties) instead"
-    ),
-    strict=True,
-)
 def test_pattern_properties_are_not_unknown_fields():
     schema = {
         "type": "object",

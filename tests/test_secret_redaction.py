@@ -290,12 +290,6 @@ def test_an_upstream_error_holding_the_token_is_recorded_and_answered_blanked(ap
     assert_clean([("response", response.content), ("execution detail", detail.content)], planted)
 
 
-@pytest.mark.xfail(
-    reason="BUG: credential_failure_record stores the tool's raw error detail as Credential.last_error "
-    "(credential_mark_failed(reason=error.detail)) without scrubbing, so the token is in the database, in "
-    "GET /api/v1/credentials/{id}/ (last_error) and in the CREDENTIAL_INVALID readiness message built from it",
-    strict=True,
-)
 def test_a_credential_error_holding_the_token_leaves_it_nowhere(api, tools_here, caplog, planted):
     caplog.set_level(logging.DEBUG)
     credential_id = create_credential(api, planted).json()["id"]
@@ -341,11 +335,6 @@ def test_secret_looking_inputs_are_redacted_in_the_execution_record(api, tools_h
     assert detail.json()["input_data"] == execution.input_data
 
 
-@pytest.mark.xfail(
-    reason="BUG: execution_run_sync records input_data=redact(merged) before entering secrets_in_play, so a "
-    "resolved credential's secret under an innocent-looking input key is stored and served verbatim",
-    strict=True,
-)
 def test_the_credentials_own_secret_is_redacted_from_inputs_under_any_key(api, tools_here, planted):
     credential_id = create_credential(api, planted).json()["id"]
     instance_id = configured_instance(api, "test-token-logging", credential_id)

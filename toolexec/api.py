@@ -142,6 +142,14 @@ class NewestFirstPagination(CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 200
 
+    def decode_cursor(self, request: Request) -> Any:
+        try:
+            return super().decode_cursor(request)
+        except exceptions.NotFound:
+            raise exceptions.ValidationError(
+                {self.cursor_query_param: ["Invalid cursor: use the next and previous links as given."]}
+            ) from None
+
 
 # --- Tokens -----------------------------------------------------------------------------
 
@@ -160,6 +168,10 @@ class TokenView(APIView):
 
     def get_serializer(self, *args: Any, **kwargs: Any) -> serializers.Serializer:
         return self.Input(*args, **kwargs)
+
+    def get_authenticate_header(self, request: Request) -> str:
+        # A failed sign-in is a 401 (with a challenge), not a 403.
+        return "Token"
 
     @extend_schema(
         request=Input,

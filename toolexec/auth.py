@@ -15,7 +15,7 @@ class HashedTokenAuthentication(TokenAuthentication):
     def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, ApiToken]:
         token = ApiToken.objects.select_related("user").filter(key_hash=token_hash(key)).first()
         if token is None or not token.user.is_active:
-            raise exceptions.AuthenticationFailed("Invalid token.")
+            raise exceptions.AuthenticationFailed("That API token is not valid: sign in again for a new one.")
         return token.user, token
 
 
@@ -23,6 +23,6 @@ def token_issue_for_login(*, request: Request, username: str, password: str) -> 
     """Check a username and password and issue a new token; the key is returned once."""
     user = authenticate(request=request, username=username, password=password)
     if user is None or not user.is_active:
-        raise exceptions.AuthenticationFailed("Unable to sign in with those credentials.")
+        raise exceptions.AuthenticationFailed("That username and password do not match an active account.")
     _, key = ApiToken.issue(user=user, name="api login")
     return key

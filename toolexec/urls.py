@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
@@ -22,7 +22,7 @@ router.register("executions", ExecutionViewSet, basename="execution")
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/api/v1/", permanent=False)),
-    path("api/v1/auth/token/", TokenView.as_view(), name="auth-token"),
+    re_path(r"^api/v1/auth/token/?$", TokenView.as_view(), name="auth-token"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

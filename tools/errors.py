@@ -129,7 +129,7 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
         actions=(
             Action(
                 "fix_credential",
-                "Connect your {provider} account and map it to this instance",
+                "Map the credentials this instance needs",
                 _INSTANCE + "/configure-credentials",
                 "high",
             ),
@@ -202,7 +202,7 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ErrorCode.QUEUE_UNAVAILABLE: CatalogEntry(
         503, "The job queue is unavailable right now, so {tool} could not be started.", can_retry=True
     ),
-    ErrorCode.NOT_AUTHENTICATED: CatalogEntry(401, "Sign in first: send an API token as 'Authorization: Token <key>'."),
+    ErrorCode.NOT_AUTHENTICATED: CatalogEntry(401, "{detail}"),
     ErrorCode.PERMISSION_DENIED: CatalogEntry(403, "You are not allowed to do this."),
     ErrorCode.NOT_FOUND: CatalogEntry(404, "{detail}"),
     ErrorCode.METHOD_NOT_ALLOWED: CatalogEntry(405, "{detail}"),
@@ -302,6 +302,8 @@ class ToolexecError(Exception):
         self.detail = detail
         self.provider = provider
         self.params: dict[str, Any] = dict(params)
+        if provider:
+            self.params["provider"] = provider
         if detail:
             self.params["detail"] = detail
         self.metadata: dict[str, Any] = {}
@@ -311,7 +313,8 @@ class ToolexecError(Exception):
             self.metadata["retry_after_seconds"] = retry_after_seconds
 
     def envelope(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        merged = {**(params or {}), **self.params}
+        # The caller knows display names and links better than the tool; the tool knows the detail.
+        merged = {**self.params, **(params or {})}
         return envelope(self.code, merged, metadata=self.metadata)
 
 
@@ -333,6 +336,10 @@ class CredentialRevoked(ToolexecError):
 
 class CredentialInvalid(ToolexecError):
     code = ErrorCode.CREDENTIAL_INVALID
+
+
+class InsufficientCredits(ToolexecError):
+    code = ErrorCode.INSUFFICIENT_CREDITS
 
 
 class UpstreamError(ToolexecError):

@@ -6,6 +6,7 @@ Messages never repeat the submitted value: inputs may hold secrets.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -78,8 +79,9 @@ def errors_by_field(schema: dict[str, Any], data: Any) -> dict[str, list[str]]:
                     errors.setdefault(f"{base}.{name}" if base else name, []).append("This field is required.")
         elif error.validator == "additionalProperties" and isinstance(error.instance, dict):
             known = set(error.schema.get("properties", {}))
+            patterns = list(error.schema.get("patternProperties", {}))
             for name in error.instance:
-                if name not in known:
+                if name not in known and not any(re.search(pattern, name) for pattern in patterns):
                     errors.setdefault(f"{base}.{name}" if base else name, []).append("Unknown field.")
         else:
             errors.setdefault(_path(error), []).append(_message(error))
@@ -96,3 +98,23 @@ def summary(field_errors: dict[str, list[str]]) -> str:
     """One sentence naming every failing field, for ``error_message``."""
     parts = [f"{path}: {' '.join(messages)}" for path, messages in field_errors.items()]
     return "The inputs are not valid. " + "; ".join(parts)
+
+
+def nul_errors(value: Any, path: str = "") -> dict[str, list[str]]:
+    """Where ``value`` holds a NUL character, which PostgreSQL cannot store in JSON or text."""
+    errors: dict[str, list[str]] = {}
+    message = "Must not contain the NUL character (\\u0000)."
+    if isinstance(value, str):
+        if "\x00" in value:
+            errors[path or ROOT] = [message]
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                errors[child.replace("\x00", "\\u0000")] = ["Field names must not contain the NUL character."]
+            else:
+                errors.update(nul_errors(item, child))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            errors.update(nul_errors(item, f"{path}.{index}" if path else str(index)))
+    return errors

@@ -151,7 +151,9 @@ class ExecutionContext:
             self._raise_stop()
 
     def sleep(self, seconds: float) -> None:
-        """Wait, waking at once when the run is stopped (instead of ``time.sleep``)."""
+        """Wait, waking at once when the run is stopped or its time is up (instead of ``time.sleep``)."""
+        if self.deadline is not None:
+            seconds = min(seconds, max(0.0, self.deadline - time.monotonic()))
         self._stop.wait(seconds)
         self.check_cancelled()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from . import registry
@@ -54,17 +54,20 @@ def catalog_sync() -> SyncReport:
     fails on a missing plug-in. ``is_active`` is the operators' choice and is left alone.
     """
     report = SyncReport()
+    _lock_catalog()
     now = timezone.now()
     stored = {d.slug: d for d in ToolDefinition.objects.select_for_update()}
 
     for slug, definition in stored.items():
         if registry.get_tool(slug) is None:
             try:
-                registry.load_implementation(definition.implementation)
+                loaded = registry.load_implementation(definition.implementation)
+                reason = "" if loaded.slug == slug else f"{definition.implementation} now registers as {loaded.slug!r}."
             except ImportError as exc:
                 reason = f"The implementation {definition.implementation!r} could not be imported: {exc}"
+            if reason:
                 report.unavailable[slug] = reason
-                if not definition.is_available or definition.unavailable_reason != reason:
+                if definition.is_available or definition.unavailable_reason != reason:
                     logger.warning("Tool %s is unavailable: %s", slug, reason)
                 ToolDefinition.objects.filter(pk=definition.pk).update(
                     is_available=False, unavailable_reason=reason, synced_at=now, updated_at=now
@@ -79,6 +82,14 @@ def catalog_sync() -> SyncReport:
             ToolDefinition.objects.create(slug=slug, **values)
             report.created.append(slug)
     return report
+
+
+def _lock_catalog() -> None:
+    """Serialise concurrent syncs (two processes starting at once, migrate beside sync_tools):
+    without it both would insert the same new slug."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext('toolexec.catalog_sync'))")
 
 
 def tool_set_active(*, definition: ToolDefinition, is_active: bool) -> None:

@@ -10,16 +10,15 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from instances.models import ToolInstance
 from instances.services import instance_create, instance_transition
-from toolexec.models import ApiToken
 from tools.models import ToolDefinition
+
+from .models import ApiToken
 
 ADMIN_USERNAME = "admin"
 DEMO_USERNAME = "demo"
@@ -57,7 +56,7 @@ def _user_with_fresh_password(username: str, *, superuser: bool) -> tuple[Abstra
 def _demo_instance(owner: AbstractBaseUser) -> ToolInstance:
     tool = ToolDefinition.objects.filter(slug=DEMO_TOOL_SLUG).first()
     if tool is None:
-        raise CommandError(f"The {DEMO_TOOL_SLUG} tool is not in the catalog: run `manage.py sync_tools` first.")
+        raise LookupError(f"The {DEMO_TOOL_SLUG} tool is not in the catalog: run `manage.py sync_tools` first.")
     instance = (
         ToolInstance.objects.filter(owner=owner, tool=tool, name=DEMO_INSTANCE_NAME).order_by("created_at").first()
     )
@@ -85,33 +84,3 @@ def curl_execute_sync(*, base_url: str, instance: ToolInstance, token_key: str) 
         f"curl -s -X POST {shlex.quote(url)} -H {shlex.quote(f'Authorization: Token {token_key}')} "
         f"-H 'Content-Type: application/json' -d {shlex.quote(json.dumps(DEMO_INPUTS))}"
     )
-
-
-class Command(BaseCommand):
-    help = (
-        f"Create or refresh the demo logins ({ADMIN_USERNAME!r}, {DEMO_USERNAME!r}) with new random passwords, "
-        f"a new API token for {DEMO_USERNAME!r} and a {DEMO_TOOL_SLUG} instance; print them. Needs DEBUG=true."
-    )
-
-    def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--base-url",
-            default=settings.TOOLEXEC_BASE_URL,
-            help="Where the server answers, for the printed curl line (default: TOOLEXEC_BASE_URL).",
-        )
-
-    def handle(self, *args: object, base_url: str, **options: object) -> None:
-        if not settings.DEBUG:
-            raise CommandError(
-                f"seed_demo resets the passwords of {ADMIN_USERNAME!r} and {DEMO_USERNAME!r}, "
-                "so it runs only on a development server (DEBUG=true)."
-            )
-        seed = demo_seed()
-        curl = curl_execute_sync(base_url=base_url.rstrip("/"), instance=seed.instance, token_key=seed.token_key)
-        self.stdout.write(
-            f"Superuser (admin site):       {ADMIN_USERNAME} / {seed.admin_password}\n"
-            f"Demo user (browsable API):    {DEMO_USERNAME} / {seed.demo_password}\n"
-            f"Demo user's API token:        {seed.token_key}\n"
-            f"Run the demo instance of {DEMO_TOOL_SLUG} ({seed.instance.pk}):\n"
-            f"  {curl}"
-        )
