@@ -1,13 +1,16 @@
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import QuerySet
-from django.http import QueryDict
+from django.http import QueryDict, StreamingHttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
-from rest_framework import mixins, serializers, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -16,9 +19,10 @@ from instances.models import ToolInstance
 from instances.selectors import instance_list
 from toolexec.api import NewestFirstPagination
 
-from .models import Execution, Mode
-from .selectors import execution_list
-from .services import NotReady, execution_run_sync
+from .models import Execution, Job, Mode
+from .selectors import execution_list, job_list
+from .services import execution_enqueue, execution_run_sync, job_cancel, job_check_alive, job_progress
+from .streams import job_event_stream
 
 
 class ExecutionSerializer(serializers.ModelSerializer):
@@ -115,6 +119,19 @@ SyncSuccess = inline_serializer(
 )
 
 
+AsyncAccepted = inline_serializer(
+    "AsyncAccepted",
+    {
+        "job_id": serializers.UUIDField(),
+        "execution_id": serializers.UUIDField(),
+        "status": serializers.CharField(),
+        "progress_url": serializers.CharField(),
+        "result_url": serializers.CharField(),
+        "events_url": serializers.CharField(),
+    },
+)
+
+
 class InstanceRunViewSet(viewsets.GenericViewSet):
     """Running an instance. The request body is the tool's inputs, a JSON object."""
 
@@ -133,16 +150,7 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], url_path="execute-sync")
     def execute_sync(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
-        inputs = request.data
-        if isinstance(inputs, QueryDict):  # the browsable API's HTML form: decode its JSON fields
-            form = tool_inputs_serializer(instance, data=inputs)
-            form.is_valid(raise_exception=True)
-            inputs = form.validated_data
-        try:
-            execution, outcome = execution_run_sync(instance=instance, inputs=inputs)
-        except NotReady as not_ready:
-            code_status, body = not_ready.readiness.refusal()
-            return Response(body, status=code_status)
+        execution, outcome = execution_run_sync(instance=instance, inputs=_form_inputs(request, instance))
         if outcome.error is None:
             return Response(
                 {
@@ -156,3 +164,179 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
         body = {**outcome.error, "execution_id": str(execution.pk)}
         body["metadata"] = {**body["metadata"], "execution_id": str(execution.pk)}
         return Response(body)
+
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                description="The same key and body within 24 hours return the first job instead of a new one.",
+            )
+        ],
+        responses={202: AsyncAccepted},
+    )
+    @action(detail=True, methods=["post"], url_path="execute-async")
+    def execute_async(self, request: Request, pk: str | None = None) -> Response:
+        instance = self.get_object()
+        key = request.headers.get("Idempotency-Key", "").strip()
+        if len(key) > 255:
+            raise serializers.ValidationError({"Idempotency-Key": ["Must be at most 255 characters."]})
+        accepted = execution_enqueue(instance=instance, inputs=_form_inputs(request, instance), idempotency_key=key)
+        job = accepted.job
+        base = f"/api/v1/instances/{instance.pk}/jobs/{job.pk}"
+        body = {
+            "job_id": str(job.pk),
+            "execution_id": str(job.execution_id),
+            "status": job.status if accepted.replayed else Job.Status.QUEUED,
+            "progress_url": f"{base}/progress",
+            "result_url": f"{base}/result",
+            "events_url": f"{base}/events",
+        }
+        headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
+        return Response(body, status=status.HTTP_202_ACCEPTED, headers=headers)
+
+
+def _form_inputs(request: Request, instance: ToolInstance) -> Any:
+    """The run's inputs: the JSON body, or the browsable API's HTML form decoded field by field."""
+    if isinstance(request.data, QueryDict):
+        form = tool_inputs_serializer(instance, data=request.data)
+        form.is_valid(raise_exception=True)
+        return form.validated_data
+    return request.data
+
+
+# --- Jobs ---------------------------------------------------------------------------------
+
+
+class JobSerializer(serializers.ModelSerializer):
+    job_id = serializers.UUIDField(source="id")
+    execution_id = serializers.UUIDField()
+    instance_id = serializers.UUIDField(allow_null=True)
+    tool_definition_id = serializers.SlugField(source="execution.tool.slug")
+
+    class Meta:
+        model = Job
+        fields = [
+            "job_id",
+            "execution_id",
+            "instance_id",
+            "tool_definition_id",
+            "status",
+            "progress",
+            "current_step",
+            "step_index",
+            "steps_total",
+            "attempts",
+            "max_attempts",
+            "cancel_requested_at",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+JobProgressSerializer = inline_serializer(
+    "JobProgress",
+    {
+        "status": serializers.ChoiceField(choices=Job.Status.choices),
+        "progress": serializers.IntegerField(),
+        "current_step": serializers.CharField(),
+        "steps_total": serializers.IntegerField(allow_null=True),
+        "step_index": serializers.IntegerField(allow_null=True),
+        "eta_seconds": serializers.FloatField(allow_null=True),
+        "updated_at": serializers.DateTimeField(),
+    },
+)
+
+JobResultSerializer = inline_serializer(
+    "JobResult",
+    {
+        "status": serializers.ChoiceField(choices=Job.Status.choices),
+        "result": serializers.DictField(allow_null=True),
+        "credits_consumed": serializers.FloatField(required=False),
+        "duration_ms": serializers.IntegerField(required=False),
+        "progress": JobProgressSerializer,
+        "error_code": serializers.CharField(required=False),
+        "error_message": serializers.CharField(required=False),
+        "metadata": serializers.DictField(required=False),
+    },
+)
+
+
+class EventStreamRenderer(BaseRenderer):
+    media_type = "text/event-stream"
+    format = "event-stream"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        return json.dumps(data).encode()  # only errors are rendered; the stream itself is streamed
+
+
+@extend_schema_view(list=extend_schema(parameters=[OpenApiParameter("instance_id", OpenApiTypes.UUID, "path")]))
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """An instance's async jobs: progress, result, cancellation and a live event stream."""
+
+    serializer_class = JobSerializer
+    pagination_class = NewestFirstPagination
+    lookup_value_regex = "[0-9a-fA-F-]{36}"
+
+    def get_queryset(self) -> QuerySet[Job]:
+        if getattr(self, "swagger_fake_view", False):  # schema generation
+            return Job.objects.none()
+        return job_list(owner=self.request.user, instance_id=self.kwargs["instance_id"])
+
+    def get_object(self) -> Job:
+        return job_check_alive(job=super().get_object())
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        if not instance_list(owner=request.user).filter(pk=kwargs["instance_id"]).exists():
+            raise NotFound()
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(responses=JobProgressSerializer)
+    @action(detail=True, methods=["get"])
+    def progress(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return Response(job_progress(job=self.get_object()))
+
+    @extend_schema(responses=JobResultSerializer)
+    @action(detail=True, methods=["get"])
+    def result(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        job = self.get_object()
+        execution = job.execution
+        if job.status == Job.Status.COMPLETED:
+            return Response(
+                {
+                    "status": job.status,
+                    "result": execution.output_data,
+                    "credits_consumed": float(execution.credits_consumed),
+                    "duration_ms": execution.duration_ms,
+                }
+            )
+        if job.status in Job.TERMINAL:
+            return Response(
+                {
+                    "status": job.status,
+                    "success": False,
+                    "error_code": execution.error_code,
+                    "error_message": execution.error_message,
+                    "metadata": {**execution.error_metadata, "execution_id": str(execution.pk), "job_id": str(job.pk)},
+                }
+            )
+        return Response({"status": job.status, "result": None, "progress": job_progress(job=job)})
+
+    @extend_schema(request=None, responses={202: JobProgressSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        job = job_cancel(job=self.get_object())
+        return Response(job_progress(job=job), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR})
+    @action(detail=True, methods=["get"], renderer_classes=[EventStreamRenderer, JSONRenderer])
+    def events(self, request: Request, *args: Any, **kwargs: Any) -> StreamingHttpResponse:
+        job = self.get_object()
+        response = StreamingHttpResponse(job_event_stream(job_id=str(job.pk)), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
+        return response

@@ -6,7 +6,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from instances.models import CreditAccount, ToolInstance
+from instances.models import CreditAccount, EncryptedSecretField, ToolInstance
 from tools.models import ToolDefinition
 
 
@@ -101,6 +101,11 @@ class Job(models.Model):
     steps_total = models.PositiveIntegerField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
     max_attempts = models.PositiveSmallIntegerField(default=1)
+    # The run's real inputs (the Execution keeps a redacted copy), encrypted and bound to this
+    # row, for the worker to read; blanked once the job ends.
+    sealed_inputs = EncryptedSecretField(blank=True, editable=False)
+    # One entry per finished attempt: {"attempt", "worker", "started_at", "finished_at", "error_code"}.
+    attempt_log = models.JSONField(default=list, blank=True)
     worker_name = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
@@ -117,8 +122,9 @@ class Job(models.Model):
             models.Index(fields=["instance", "-created_at"], name="job_instance_created_idx"),
             # Fairness: how many RUNNING jobs an owner has.
             models.Index(fields=["owner", "status"], name="job_owner_status_idx"),
-            # The reaper: RUNNING jobs whose heartbeat is stale.
-            models.Index(fields=["heartbeat_at"], condition=Q(status="RUNNING"), name="job_running_heartbeat_idx"),
+            # The reaper: RUNNING jobs (it then checks heartbeat_at, which is left out of every
+            # index so that progress and heartbeat writes stay heap-only updates).
+            models.Index(fields=["created_at"], condition=Q(status="RUNNING"), name="job_running_idx"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(progress__lte=100), name="job_progress_at_most_100"),

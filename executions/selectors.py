@@ -3,7 +3,7 @@ from datetime import datetime
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
-from .models import Execution
+from .models import Execution, Job
 
 
 def execution_list(
@@ -28,3 +28,8 @@ def execution_list(
     if created_before:
         qs = qs.filter(created_at__lt=created_before)
     return qs
+
+
+def job_list(*, owner: AbstractBaseUser, instance_id: str) -> QuerySet[Job]:
+    """The owner's jobs of one instance, newest first, with what the API shows joined."""
+    return Job.objects.filter(owner=owner, instance_id=instance_id).select_related("execution__tool")

@@ -8,20 +8,30 @@ ledger entry and the balance are written together. No transaction is open while 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import logging
+import signal
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
+from redis.exceptions import RedisError
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job as RQJob
+from rq.timeouts import JobTimeoutException
 
+from instances.crypto import seal, unseal
 from instances.models import CreditAccount, ToolInstance
 from instances.providers import provider_display
 from instances.readiness import Readiness, readiness_check
@@ -36,21 +46,55 @@ from instances.services import (
 )
 from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
 from tools import registry
-from tools.errors import ErrorCode, InputInvalid, InsufficientCredits, ToolexecError, ToolTimeout, envelope
+from tools.errors import (
+    Cancelled,
+    ErrorCode,
+    IdempotencyConflict,
+    InputInvalid,
+    InsufficientCredits,
+    QueueUnavailable,
+    ToolexecError,
+    ToolTimeout,
+    ToolUnavailable,
+    envelope,
+)
 from tools.schemas import errors_by_field, nul_errors, summary
-from tools.sdk import SYNC, ExecutionContext, Tool
+from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
 
-from .models import CreditLedgerEntry, Execution, Mode
+from . import events
+from .events import QUEUE_NAME
+from .models import CreditLedgerEntry, Execution, Job, Mode
 
 logger = logging.getLogger(__name__)
 
 
-class NotReady(Exception):
-    """The instance failed its readiness checks; carries them for the 409/402 envelope."""
+PROGRESS_WRITE_INTERVAL = 0.25  # seconds between a job's progress writes to the database
+FAIRNESS_RETRY_SECONDS = 2.0  # an owner over their running-jobs share is looked at again after this
+
+
+class JobFinished(ToolexecError):
+    code = ErrorCode.INVALID_TRANSITION
+
+
+class RefusedAtStart(Exception):
+    """A queued job found its tool or credentials unusable when its turn came."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body["error_message"])
+        self.body = body
+
+
+class NotReady(ToolexecError):
+    """The instance failed its readiness checks: the envelope is the most important problem,
+    with every check's action items."""
 
     def __init__(self, readiness: Readiness) -> None:
         super().__init__(readiness.failures[0].message)
         self.readiness = readiness
+        self.code = ErrorCode(readiness.failures[0].error_code)
+
+    def envelope(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.readiness.refusal()[1]
 
 
 @dataclass
@@ -128,7 +172,13 @@ def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Executio
 
 
 def execution_record_start(
-    *, instance: ToolInstance, inputs: dict[str, Any], mode: str, account: CreditAccount
+    *,
+    instance: ToolInstance,
+    inputs: dict[str, Any],
+    mode: str,
+    account: CreditAccount,
+    idempotency_key: str = "",
+    fingerprint: str = "",
 ) -> Execution:
     """Record the attempt (RUNNING for sync), holding the tool's minimum price on the account
     in the same transaction, so concurrent runs cannot spend the same credits twice."""
@@ -150,6 +200,8 @@ def execution_record_start(
             status=Execution.Status.RUNNING if mode == Mode.SYNC else Execution.Status.PENDING,
             input_data=redact(inputs),
             credits_held=hold,
+            idempotency_key=idempotency_key,
+            request_fingerprint=fingerprint,
             started_at=started if mode == Mode.SYNC else None,
             created_at=started,
         )
@@ -213,16 +265,35 @@ def _failure(
 
 
 def execution_finish(
-    *, execution: Execution, outcome: Outcome, duration_ms: int, account: CreditAccount | None
+    *,
+    execution: Execution,
+    outcome: Outcome,
+    duration_ms: int,
+    account: CreditAccount | None,
+    job: Job | None = None,
+    job_from: tuple[str, ...] = (Job.Status.RUNNING,),
 ) -> bool:
     """Write the outcome, statistics, ledger entry and balance in one transaction, once.
 
-    Returns False (and writes nothing) when the execution had already reached a terminal state.
+    With a ``job``, its terminal state is written in the same transaction, provided it is still
+    in one of ``job_from``. Returns False (and writes nothing) when the execution or the job had
+    already reached a terminal state: a late report never overwrites one.
     """
     now = timezone.now()
     error = outcome.error or {}
     credits = outcome.credits
     with transaction.atomic():
+        if job is not None:
+            job_updates: dict[str, Any] = {
+                "status": outcome.status,
+                "finished_at": now,
+                "sealed_inputs": "",
+                "updated_at": now,
+            }
+            if outcome.status == Execution.Status.COMPLETED:
+                job_updates["progress"] = 100
+            if not Job.objects.filter(pk=job.pk, status__in=job_from).update(**job_updates):
+                return False
         finished = Execution.objects.filter(
             pk=execution.pk, status__in=[Execution.Status.PENDING, Execution.Status.RUNNING]
         ).update(
@@ -263,3 +334,462 @@ def execution_finish(
     execution.finished_at = now
     execution.duration_ms = duration_ms
     return True
+
+
+# --- Async: accepting a run ---------------------------------------------------------------
+
+
+@dataclass
+class Accepted:
+    job: Job
+    replayed: bool = False
+
+
+def request_fingerprint(inputs: Any) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: str = "") -> Accepted:
+    """Accept an async run: the same checks as a sync run, then the Execution (PENDING) and the
+    Job (QUEUED) in one transaction, and the RQ job, carrying only the job's id, on commit.
+
+    With an ``idempotency_key``, the same key and body from the same owner within
+    TOOLEXEC_IDEMPOTENCY_HOURS give back the first job and create nothing; a different body is
+    refused. Raises QueueUnavailable (the execution then ends FAILED) when Redis is down.
+    """
+    fingerprint = request_fingerprint(inputs) if idempotency_key else ""
+    if idempotency_key:
+        replay = _idempotent_replay(owner_id=instance.owner_id, key=idempotency_key, fingerprint=fingerprint)
+        if replay is not None:
+            return Accepted(replay, replayed=True)
+    tool, merged, readiness = execution_prepare(instance=instance, mode=ASYNC, inputs=inputs)
+    definition = instance.tool
+    outcome: dict[str, bool] = {}
+    try:
+        with transaction.atomic():
+            execution = execution_record_start(
+                instance=instance,
+                inputs=merged,
+                mode=Mode.ASYNC,
+                account=readiness.account,
+                idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
+            )
+            job = Job(
+                execution=execution,
+                instance=instance,
+                owner_id=instance.owner_id,
+                queue=QUEUE_NAME,
+                status=Job.Status.QUEUED,
+                max_attempts=tool.max_attempts if tool.idempotent else 1,
+                enqueued_at=execution.created_at,
+            )
+            job.rq_job_id = str(job.pk)
+            job.sealed_inputs = seal(merged, row_id=str(job.pk), owner_id=instance.owner_id)
+            job.save(force_insert=True)
+            transaction.on_commit(lambda: outcome.setdefault("enqueued", _enqueue(job, definition, readiness.account)))
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        # A concurrent request with the same key got there first: answer with its job.
+        replay = _idempotent_replay(owner_id=instance.owner_id, key=idempotency_key, fingerprint=fingerprint)
+        if replay is None:
+            raise
+        return Accepted(replay, replayed=True)
+    if outcome.get("enqueued") is False:
+        raise QueueUnavailable(
+            tool=definition.name,
+            instance_id=str(instance.pk),
+            metadata={"execution_id": str(job.execution_id), "job_id": str(job.pk)},
+        )
+    return Accepted(job)
+
+
+def _idempotent_replay(*, owner_id: int, key: str, fingerprint: str) -> Job | None:
+    """The job a key already made, if it is recent; raises on a different body."""
+    execution = Execution.objects.filter(owner_id=owner_id, idempotency_key=key).select_related("job").first()
+    if execution is None:
+        return None
+    window = timedelta(hours=settings.TOOLEXEC_IDEMPOTENCY_HOURS)
+    if execution.created_at < timezone.now() - window:
+        # Expired: free the key for this new request (the old run keeps its record).
+        Execution.objects.filter(pk=execution.pk, idempotency_key=key).update(idempotency_key="")
+        return None
+    if execution.request_fingerprint != fingerprint:
+        raise IdempotencyConflict()
+    return execution.job
+
+
+def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
+    """Put the job on the RQ queue (ids only). If Redis is down, the run ends FAILED with
+    QUEUE_UNAVAILABLE, its held credits return, and False says so."""
+    try:
+        events.queue().enqueue_call(
+            "executions.jobs.run",
+            args=(str(job.pk),),
+            job_id=job.rq_job_id,
+            timeout=definition.timeout_seconds,
+            description=f"toolexec job {job.pk}",
+            result_ttl=600,
+            failure_ttl=7 * 24 * 3600,
+        )
+        return True
+    except RedisError:
+        logger.warning("Redis is unavailable; job %s could not be queued", job.pk)
+        error = envelope(ErrorCode.QUEUE_UNAVAILABLE, {"tool": definition.name, "instance_id": str(job.instance_id)})
+        execution_finish(
+            execution=job.execution,
+            outcome=Outcome(Execution.Status.FAILED, error=error),
+            duration_ms=0,
+            account=account,
+            job=job,
+            job_from=(Job.Status.QUEUED,),
+        )
+        return False
+
+
+# --- Async: running a job on a worker ------------------------------------------------------
+
+
+class JobProgress:
+    """The progress sink of a running job: every change is published at once; the database
+    is written at most every ``interval`` seconds (and by :meth:`flush` at the end)."""
+
+    def __init__(self, job: Job, interval: float = PROGRESS_WRITE_INTERVAL) -> None:
+        self.job_id = str(job.pk)
+        self.interval = interval
+        self._last_write = 0.0
+        self._pending: dict[str, Any] | None = None
+
+    def __call__(self, percent: int, step: str, step_index: int | None, steps_total: int | None) -> None:
+        state = {"progress": percent, "current_step": step[:300], "step_index": step_index, "steps_total": steps_total}
+        events.publish(self.job_id, {"event": "progress", "status": Job.Status.RUNNING, **state})
+        self._pending = state
+        if time.monotonic() - self._last_write >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        now = timezone.now()
+        # Progress never goes down, and a job that already ended is left alone.
+        Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING, progress__lte=self._pending["progress"]).update(
+            **self._pending, heartbeat_at=now, updated_at=now
+        )
+        self._pending = None
+        self._last_write = time.monotonic()
+
+
+def job_run(*, job_id: str, worker_name: str = "") -> None:
+    """The worker's side of an async run: claim the job, run the tool, record the outcome once.
+
+    A job that is gone, already claimed, cancelled or finished is left alone (a duplicate
+    delivery runs nothing). An owner already running their share waits for a later turn.
+    """
+    job = (
+        Job.objects.select_related("execution__tool", "instance__tool", "owner__credit_account")
+        .filter(pk=job_id)
+        .first()
+    )
+    if job is None or job.status != Job.Status.QUEUED:
+        return
+    if not job_claim(job=job, worker_name=worker_name):
+        return
+    execution, definition = job.execution, job.execution.tool
+    params = {"tool": definition.name, "instance_id": str(job.instance_id or "")}
+    account = getattr(job.owner, "credit_account", None)
+    started = time.monotonic()
+    try:
+        tool, inputs, resolved = _job_prepare(job)
+    except RefusedAtStart as refused:
+        _job_end(job, Outcome(Execution.Status.FAILED, error=refused.body), 0, account)
+        return
+    except ToolexecError as exc:
+        status = _STATUS_FOR_ERROR.get(exc.code, Execution.Status.FAILED)
+        _job_end(job, Outcome(status, error=exc.envelope(params)), 0, account)
+        return
+    ctx = ExecutionContext(
+        execution_id=str(execution.pk),
+        tool_slug=definition.slug,
+        credentials={slot: r.secret for slot, r in resolved.items()},
+        deadline=time.monotonic() + definition.timeout_seconds,
+        timeout_seconds=definition.timeout_seconds,
+        progress_sink=JobProgress(job),
+        cancel_probe=events.CancelProbe(str(job.pk)),
+    )
+    with secrets_in_play(r.secret for r in resolved.values()):
+        try:
+            result: Any = tool.run(inputs, ctx)
+        except JobTimeoutException:
+            result = ToolTimeout(seconds=definition.timeout_seconds)
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the run's outcome
+            result = exc
+        finally:
+            _cancel_death_penalty()
+        ctx.progress_sink.flush()  # type: ignore[union-attr]
+        outcome = _outcome_of(result, ctx, tool, params, resolved)
+    duration_ms = int((time.monotonic() - started) * 1000)
+    code = (outcome.error or {}).get("error_code")
+    if code in tool.retry_on and job.attempts < job.max_attempts:
+        job_retry(job=job, error=outcome.error or {}, delay=tool.retry_backoff_seconds * 2 ** (job.attempts - 1))
+        return
+    _job_end(job, outcome, duration_ms, account)
+
+
+def job_claim(*, job: Job, worker_name: str) -> bool:
+    """QUEUED → RUNNING with a conditional update, unless the owner already runs their share
+    of jobs (TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER): then the job waits for a later turn."""
+    now = timezone.now()
+    with transaction.atomic():
+        # One claim at a time per owner, so two workers can't both take the last free place.
+        CreditAccount.objects.select_for_update().filter(owner_id=job.owner_id).first()
+        running = Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING).count()
+        if running >= settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER:
+            transaction.on_commit(lambda: _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS))
+            return False
+        claimed = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
+            status=Job.Status.RUNNING,
+            worker_name=worker_name[:200],
+            attempts=F("attempts") + 1,
+            started_at=now,
+            heartbeat_at=now,
+            updated_at=now,
+        )
+        if not claimed:
+            return False
+        Execution.objects.filter(pk=job.execution_id).update(
+            status=Execution.Status.RUNNING, started_at=Coalesce("started_at", Value(now))
+        )
+    job.status, job.worker_name, job.attempts, job.started_at = Job.Status.RUNNING, worker_name, job.attempts + 1, now
+    events.publish(str(job.pk), {"event": "state", "status": Job.Status.RUNNING, "progress": job.progress})
+    return True
+
+
+def _job_prepare(job: Job) -> tuple[Tool, dict[str, Any], dict[str, ResolvedCredential]]:
+    """What the tool needs, checked again now: it may have changed since the job was queued."""
+    instance = job.instance
+    if instance is None:
+        raise Cancelled("The instance was deleted before the job started.")
+    tool_class = registry.get_tool(job.execution.tool.slug)
+    if tool_class is None:
+        raise ToolUnavailable()
+    readiness = readiness_check(instance=instance)
+    # Credits were held when the job was accepted; what matters now is the tool and credentials.
+    blocking = [c for c in readiness.failures if c.name.startswith(("tool_", "credential:"))]
+    if blocking:
+        readiness.checks = blocking
+        raise RefusedAtStart(readiness.refusal()[1])
+    inputs = unseal(job.sealed_inputs, row_id=str(job.pk), owner_id=job.owner_id)
+    return tool_class(), inputs, credentials_resolve(credentials=readiness.credentials)
+
+
+def _job_end(job: Job, outcome: Outcome, duration_ms: int, account: CreditAccount | None) -> None:
+    if execution_finish(execution=job.execution, outcome=outcome, duration_ms=duration_ms, account=account, job=job):
+        _attempt_logged(job, (outcome.error or {}).get("error_code", ""))
+        events.publish(str(job.pk), job_state(job_id=str(job.pk)))
+
+
+def _attempt_logged(job: Job, error_code: str) -> list[dict[str, Any]]:
+    entry = {
+        "attempt": job.attempts,
+        "worker": job.worker_name,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": timezone.now().isoformat(),
+        "error_code": error_code,
+    }
+    log = [*job.attempt_log, entry]
+    Job.objects.filter(pk=job.pk).update(attempt_log=log)
+    job.attempt_log = log
+    return log
+
+
+def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:
+    """A retryable failure with attempts left: back to QUEUED, to run again after ``delay``."""
+    log = [
+        *job.attempt_log,
+        {"attempt": job.attempts, "worker": job.worker_name, "error_code": error.get("error_code")},
+    ]
+    next_rq_id = f"{job.pk}:{job.attempts + 1}"
+    step = f"Attempt {job.attempts} failed ({error.get('error_code')}); retrying in {delay:g} s"
+    with transaction.atomic():
+        moved = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+            status=Job.Status.QUEUED,
+            rq_job_id=next_rq_id,
+            attempt_log=log,
+            current_step=step[:300],
+            updated_at=timezone.now(),
+        )
+        if not moved:
+            return
+        Execution.objects.filter(pk=job.execution_id).update(status=Execution.Status.PENDING)
+    job.rq_job_id = next_rq_id
+    events.publish(str(job.pk), {"event": "state", "status": Job.Status.QUEUED, "current_step": step})
+    _job_requeue(job, delay=delay, rq_job_id=next_rq_id)
+
+
+def _job_requeue(job: Job, *, delay: float, rq_job_id: str | None = None) -> None:
+    rq_job_id = rq_job_id or f"{job.pk}:wait:{int(time.time() * 1000)}"
+    Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(rq_job_id=rq_job_id)
+    events.queue().enqueue_in(
+        timedelta(seconds=delay),
+        "executions.jobs.run",
+        str(job.pk),
+        job_id=rq_job_id,
+        job_timeout=job.execution.tool.timeout_seconds,
+        description=f"toolexec job {job.pk}",
+    )
+
+
+def _cancel_death_penalty() -> None:
+    """The tool is done: RQ's alarm must not fire while the outcome is being written."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+# --- Async: cancelling, losing, reaping ------------------------------------------------
+
+
+def job_cancel(*, job: Job) -> Job:
+    """A queued job never starts; a running one stops at its next check, or is stopped by the
+    reaper through RQ's stop-job command after TOOLEXEC_CANCEL_GRACE_SECONDS."""
+    if job.status in Job.TERMINAL:
+        raise JobFinished(f"This job has already ended ({job.status}); there is nothing to cancel.")
+    now = timezone.now()
+    params = {"tool": job.execution.tool.name, "instance_id": str(job.instance_id or "")}
+    if job.status == Job.Status.QUEUED:
+        cancelled = Outcome(Execution.Status.CANCELLED, error=envelope(ErrorCode.CANCELLED, params))
+        account = CreditAccount.objects.filter(owner_id=job.owner_id).first()
+        if execution_finish(
+            execution=job.execution,
+            outcome=cancelled,
+            duration_ms=0,
+            account=account,
+            job=job,
+            job_from=(Job.Status.QUEUED,),
+        ):
+            Job.objects.filter(pk=job.pk).update(cancel_requested_at=now)
+            _rq_cancel(job.rq_job_id)
+            events.publish(str(job.pk), job_state(job_id=str(job.pk)))
+            return Job.objects.get(pk=job.pk)
+        job.refresh_from_db()  # it started meanwhile: cancel it as a running job
+        if job.status in Job.TERMINAL:
+            raise JobFinished(f"This job has already ended ({job.status}); there is nothing to cancel.")
+    Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, cancel_requested_at__isnull=True).update(
+        cancel_requested_at=now, current_step="Cancelling", updated_at=now
+    )
+    events.cancel_flag_set(str(job.pk))
+    events.publish(str(job.pk), {"event": "state", "status": Job.Status.RUNNING, "current_step": "Cancelling"})
+    job.refresh_from_db()
+    return job
+
+
+def _rq_cancel(rq_job_id: str) -> None:
+    try:
+        RQJob.fetch(rq_job_id, connection=events.redis()).cancel()
+    except (NoSuchJobError, InvalidJobOperation, RedisError):
+        pass  # nothing queued any more; our row already says CANCELLED
+
+
+def job_lost(*, job: Job, reason: str) -> bool:
+    """A RUNNING job whose worker is gone: retried if its tool allows, else FAILED (WORKER_LOST)."""
+    definition = job.execution.tool
+    tool_class = registry.get_tool(definition.slug)
+    if (
+        tool_class is not None
+        and tool_class.idempotent
+        and ErrorCode.WORKER_LOST in tool_class.retry_on
+        and job.attempts < job.max_attempts
+    ):
+        job_retry(job=job, error={"error_code": ErrorCode.WORKER_LOST.value}, delay=tool_class.retry_backoff_seconds)
+        return True
+    logger.warning("Job %s lost its worker: %s", job.pk, reason)
+    params = {"tool": definition.name, "instance_id": str(job.instance_id or "")}
+    lost = Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.WORKER_LOST, params))
+    duration = int((timezone.now() - job.started_at).total_seconds() * 1000) if job.started_at else 0
+    account = CreditAccount.objects.filter(owner_id=job.owner_id).first()
+    ended = execution_finish(execution=job.execution, outcome=lost, duration_ms=duration, account=account, job=job)
+    if ended:
+        events.publish(str(job.pk), job_state(job_id=str(job.pk)))
+    return ended
+
+
+def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
+    """Keeps job states honest; run by every worker between jobs and by status reads.
+
+    - RUNNING jobs whose heartbeat is older than TOOLEXEC_JOB_STALE_SECONDS lost their worker;
+    - RUNNING jobs cancelled more than TOOLEXEC_CANCEL_GRACE_SECONDS ago that did not stop
+      by themselves are ended CANCELLED and their work-horse stopped.
+    """
+    now = now or timezone.now()
+    counts = {"lost": 0, "cancelled": 0}
+    running = Job.objects.filter(status=Job.Status.RUNNING).select_related("execution__tool")
+    stale_before = now - timedelta(seconds=settings.TOOLEXEC_JOB_STALE_SECONDS)
+    grace_before = now - timedelta(seconds=settings.TOOLEXEC_CANCEL_GRACE_SECONDS)
+    for job in running.filter(Q(heartbeat_at__lt=stale_before) | Q(heartbeat_at__isnull=True)):
+        counts["lost"] += job_lost(job=job, reason=f"no heartbeat since {job.heartbeat_at}")
+    for job in running.filter(cancel_requested_at__lt=grace_before):
+        counts["cancelled"] += job_stop(job=job)
+    return counts
+
+
+def job_stop(*, job: Job) -> bool:
+    """End a running job CANCELLED now and stop its work-horse (it did not stop by itself)."""
+    params = {"tool": job.execution.tool.name, "instance_id": str(job.instance_id or "")}
+    cancelled = Outcome(Execution.Status.CANCELLED, error=envelope(ErrorCode.CANCELLED, params))
+    duration = int((timezone.now() - job.started_at).total_seconds() * 1000) if job.started_at else 0
+    account = CreditAccount.objects.filter(owner_id=job.owner_id).first()
+    if not execution_finish(execution=job.execution, outcome=cancelled, duration_ms=duration, account=account, job=job):
+        return False
+    try:
+        send_stop_job_command(events.redis(), job.rq_job_id)
+    except (NoSuchJobError, InvalidJobOperation, RedisError):
+        pass  # the horse is already gone
+    events.publish(str(job.pk), job_state(job_id=str(job.pk)))
+    return True
+
+
+def job_heartbeat(*, rq_job_id: str) -> None:
+    """The worker process watching a job's work-horse reports it alive."""
+    now = timezone.now()
+    Job.objects.filter(rq_job_id=rq_job_id, status=Job.Status.RUNNING).update(heartbeat_at=now)
+
+
+def job_horse_lost(*, rq_job_id: str, reason: str) -> None:
+    job = Job.objects.select_related("execution__tool").filter(rq_job_id=rq_job_id, status=Job.Status.RUNNING).first()
+    if job is not None:
+        job_lost(job=job, reason=reason)
+
+
+# --- Async: reading a job ---------------------------------------------------------------
+
+
+def job_state(*, job_id: str) -> dict[str, Any]:
+    """The event a listener gets for the job's current state (the last one is terminal)."""
+    job = Job.objects.select_related("execution").get(pk=job_id)
+    return {"event": "state", **job_progress(job=job)}
+
+
+def job_progress(*, job: Job) -> dict[str, Any]:
+    eta = None
+    if job.status == Job.Status.RUNNING and job.started_at and 0 < job.progress < 100:
+        elapsed = (timezone.now() - job.started_at).total_seconds()
+        eta = round(elapsed * (100 - job.progress) / job.progress, 1)
+    return {
+        "status": job.status,
+        "progress": job.progress,
+        "current_step": job.current_step,
+        "steps_total": job.steps_total,
+        "step_index": job.step_index,
+        "eta_seconds": eta,
+        "updated_at": job.updated_at.isoformat(),
+    }
+
+
+def job_check_alive(*, job: Job) -> Job:
+    """A read of a RUNNING job whose heartbeat went stale ends it (no worker may be left to)."""
+    stale_before = timezone.now() - timedelta(seconds=settings.TOOLEXEC_JOB_STALE_SECONDS)
+    if job.status == Job.Status.RUNNING and (job.heartbeat_at is None or job.heartbeat_at < stale_before):
+        job_lost(job=job, reason="stale heartbeat seen on read")
+        job.refresh_from_db()
+        job.execution.refresh_from_db()
+    return job

@@ -1,8 +1,8 @@
 """Encryption of credential secrets at rest (MultiFernet; DESIGN.md §1, §8).
 
 The first key of TOOLEXEC_ENCRYPTION_KEYS encrypts, all of them decrypt. The sealed
-plaintext names the credential and its owner, so a ciphertext copied onto another row
-does not open there.
+plaintext names the row (a credential, or a job holding its inputs) and its owner, so a
+ciphertext copied onto another row does not open there.
 """
 
 from __future__ import annotations
@@ -29,20 +29,18 @@ def fernet() -> MultiFernet:
     return _fernet(tuple(settings.TOOLEXEC_ENCRYPTION_KEYS))
 
 
-def seal(secret: dict[str, Any], *, credential_id: str, owner_id: int) -> str:
-    plaintext = json.dumps(
-        {"credential": str(credential_id), "owner": owner_id, "secret": secret}, separators=(",", ":")
-    )
+def seal(secret: Any, *, row_id: str, owner_id: int) -> str:
+    plaintext = json.dumps({"credential": str(row_id), "owner": owner_id, "secret": secret}, separators=(",", ":"))
     return fernet().encrypt(plaintext.encode()).decode()
 
 
-def unseal(token: str, *, credential_id: str, owner_id: int) -> dict[str, Any]:
+def unseal(token: str, *, row_id: str, owner_id: int) -> Any:
     try:
         payload = json.loads(fernet().decrypt(token.encode()))
     except (InvalidToken, ValueError):
         raise SecretUnreadable("The secret does not decrypt with the configured keys.") from None
-    if payload.get("credential") != str(credential_id) or payload.get("owner") != owner_id:
-        raise SecretUnreadable("The secret belongs to another credential.")
+    if payload.get("credential") != str(row_id) or payload.get("owner") != owner_id:
+        raise SecretUnreadable("The secret belongs to another row.")
     return payload["secret"]
 
 

@@ -68,7 +68,7 @@ class Credential(models.Model):
     def set_secret(self, secret: dict) -> None:
         from .crypto import fingerprint, seal
 
-        self.secret = seal(secret, credential_id=str(self.pk), owner_id=self.owner_id)
+        self.secret = seal(secret, row_id=str(self.pk), owner_id=self.owner_id)
         self.fingerprint = fingerprint(secret)
         self.refreshable = self.kind == self.Kind.OAUTH2 and bool(secret.get("refresh_token"))
 
@@ -78,7 +78,7 @@ class Credential(models.Model):
     def reveal_secret(self) -> dict:
         from .crypto import unseal
 
-        return unseal(self.secret, credential_id=str(self.pk), owner_id=self.owner_id)
+        return unseal(self.secret, row_id=str(self.pk), owner_id=self.owner_id)
 
 
 class ToolInstance(models.Model):

@@ -56,6 +56,10 @@ class Child:
         return f"exited with code {code}"
 
 
+# The worker make run starts; README's production section runs the same command.
+WORKER_COMMAND = ["rqworker", "default", "--with-scheduler", "--worker-class", "executions.worker.ToolexecWorker"]
+
+
 def on_stop_signal(signum: int, frame: FrameType | None) -> None:
     raise StopRequested
 
@@ -204,7 +208,7 @@ def run(children: list[Child], data_dir: str) -> None:
     manage("sync_tools", env=env)
     seed_output = manage("seed_demo", "--base-url", base_url, env=env, capture=True)
     start(children, "web server", [PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], env)
-    start(children, "RQ worker", [PYTHON, "manage.py", "rqworker", "default"], env)
+    start(children, "RQ worker", [PYTHON, "manage.py", *WORKER_COMMAND], env)
     wait_until_answers(f"{base_url}/api/v1/", children)
     print(summary(base_url, seed_output), flush=True)
     died = watch(children)

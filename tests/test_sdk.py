@@ -23,7 +23,7 @@ from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
 
 def _context_with_sink(**kwargs) -> tuple[ExecutionContext, list[tuple[int, str]]]:
     calls: list[tuple[int, str]] = []
-    ctx = ExecutionContext(execution_id="e-1", progress_sink=lambda p, s: calls.append((p, s)), **kwargs)
+    ctx = ExecutionContext(execution_id="e-1", progress_sink=lambda p, s, i, n: calls.append((p, s)), **kwargs)
     return ctx, calls
 
 

@@ -241,6 +241,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Each status vocabulary gets its own name in the schema.
+    "ENUM_NAME_OVERRIDES": {
+        "ExecutionStatusEnum": "executions.models.Execution.Status",
+        "JobStatusEnum": "executions.models.Job.Status",
+        "InstanceStatusEnum": "instances.models.ToolInstance.Status",
+        "CredentialStatusEnum": "instances.models.Credential.Status",
+    },
 }
 
 # --- toolexec ---------------------------------------------------------------------------
@@ -248,6 +255,13 @@ SPECTACULAR_SETTINGS = {
 TOOLEXEC_BASE_URL = env_str("TOOLEXEC_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
 TOOLEXEC_DEFAULT_CREDITS = env_decimal("TOOLEXEC_DEFAULT_CREDITS", "100")
 TOOLEXEC_SYNC_TIMEOUT_SECONDS = env_int("TOOLEXEC_SYNC_TIMEOUT_SECONDS", 30, minimum=1)
+TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER = env_int("TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER", 4, minimum=1)
+# A running job's worker writes a heartbeat this often; one silent for the stale time is lost.
+TOOLEXEC_JOB_HEARTBEAT_SECONDS = env_int("TOOLEXEC_JOB_HEARTBEAT_SECONDS", 5, minimum=1)
+TOOLEXEC_JOB_STALE_SECONDS = env_int("TOOLEXEC_JOB_STALE_SECONDS", 20, minimum=2)
+# How long a cancelled running job may take to reach a cancellation check before it is stopped.
+TOOLEXEC_CANCEL_GRACE_SECONDS = env_int("TOOLEXEC_CANCEL_GRACE_SECONDS", 5, minimum=0)
+TOOLEXEC_IDEMPOTENCY_HOURS = env_int("TOOLEXEC_IDEMPOTENCY_HOURS", 24, minimum=1)
 
 
 def _encryption_keys() -> list[str]:

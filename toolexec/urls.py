@@ -4,7 +4,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from executions.api import ExecutionViewSet, InstanceRunViewSet
+from executions.api import ExecutionViewSet, InstanceRunViewSet, JobViewSet
 from instances.api import CredentialViewSet, InstanceViewSet
 from tools.api import ToolViewSet
 
@@ -17,6 +17,7 @@ router.include_format_suffixes = False
 router.register("tools", ToolViewSet, basename="tool")
 router.register("instances", InstanceViewSet, basename="instance")
 router.register("instances", InstanceRunViewSet, basename="instance-run")
+router.register(r"instances/(?P<instance_id>[0-9a-fA-F-]{36})/jobs", JobViewSet, basename="instance-job")
 router.register("credentials", CredentialViewSet, basename="credential")
 router.register("executions", ExecutionViewSet, basename="execution")
 

@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     CANCELLED = "CANCELLED"
     WORKER_LOST = "WORKER_LOST"
     QUEUE_UNAVAILABLE = "QUEUE_UNAVAILABLE"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     NOT_AUTHENTICATED = "NOT_AUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     NOT_FOUND = "NOT_FOUND"
@@ -202,6 +203,11 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ErrorCode.QUEUE_UNAVAILABLE: CatalogEntry(
         503, "The job queue is unavailable right now, so {tool} could not be started.", can_retry=True
     ),
+    ErrorCode.IDEMPOTENCY_CONFLICT: CatalogEntry(
+        409,
+        "This Idempotency-Key was already used with a different request body. Send the same body to get "
+        "the first answer again, or use a new key for a new run.",
+    ),
     ErrorCode.NOT_AUTHENTICATED: CatalogEntry(401, "{detail}"),
     ErrorCode.PERMISSION_DENIED: CatalogEntry(403, "You are not allowed to do this."),
     ErrorCode.NOT_FOUND: CatalogEntry(404, "{detail}"),
@@ -296,6 +302,7 @@ class ToolexecError(Exception):
         provider: str = "",
         field_errors: dict[str, list[str]] | None = None,
         retry_after_seconds: int | None = None,
+        metadata: dict[str, Any] | None = None,
         **params: Any,
     ) -> None:
         super().__init__(detail or self.code.value)
@@ -311,6 +318,7 @@ class ToolexecError(Exception):
             self.metadata["field_errors"] = field_errors
         if retry_after_seconds is not None:
             self.metadata["retry_after_seconds"] = retry_after_seconds
+        self.metadata.update(metadata or {})
 
     def envelope(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         # The caller knows display names and links better than the tool; the tool knows the detail.
@@ -340,6 +348,18 @@ class CredentialInvalid(ToolexecError):
 
 class InsufficientCredits(ToolexecError):
     code = ErrorCode.INSUFFICIENT_CREDITS
+
+
+class QueueUnavailable(ToolexecError):
+    code = ErrorCode.QUEUE_UNAVAILABLE
+
+
+class ToolUnavailable(ToolexecError):
+    code = ErrorCode.TOOL_UNAVAILABLE
+
+
+class IdempotencyConflict(ToolexecError):
+    code = ErrorCode.IDEMPOTENCY_CONFLICT
 
 
 class UpstreamError(ToolexecError):

@@ -71,6 +71,11 @@ class Tool:
     cacheable: ClassVar[bool] = False
     # Whether running the same inputs twice is harmless (decides automatic retries).
     idempotent: ClassVar[bool] = True
+    # Async runs that fail with one of these codes are tried again (idempotent tools only),
+    # up to max_attempts in all, waiting retry_backoff_seconds × 2^(attempt-1) between tries.
+    retry_on: ClassVar[frozenset[str]] = frozenset()
+    max_attempts: ClassVar[int] = 1
+    retry_backoff_seconds: ClassVar[float] = 2.0
 
     def validate(self, inputs: dict[str, Any]) -> None:
         """Checks beyond the JSON Schema, run before the execution is recorded.
@@ -86,7 +91,7 @@ class Tool:
         return (cls.base_credits + cls.credits_per_unit * units).quantize(CREDIT_PLACES)
 
 
-ProgressSink = Callable[[int, str], None]
+ProgressSink = Callable[[int, str, int | None, int | None], None]
 
 
 @dataclass
@@ -108,6 +113,8 @@ class ExecutionContext:
     cancel_probe: Callable[[], bool] | None = None
     percent: int = 0
     step: str = ""
+    step_index: int | None = None
+    steps_total: int | None = None
     units: Decimal = Decimal("0")
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _stop_reason: str = ""
@@ -125,14 +132,19 @@ class ExecutionContext:
         except KeyError:
             raise CredentialMissing(slot=slot) from None
 
-    def progress(self, percent: float, step: str | None = None) -> None:
-        """Report progress (0–100, never going down) and the current step; cheap to call often."""
+    def progress(
+        self, percent: float, step: str | None = None, *, step_index: int | None = None, steps_total: int | None = None
+    ) -> None:
+        """Report progress (0–100, never going down), the current step and, optionally, step i of
+        n. Cheap to call often: only changes go further, and the platform coalesces its writes."""
         value = max(self.percent, min(100, int(percent)))
         new_step = self.step if step is None else step
-        if value != self.percent or new_step != self.step:
-            self.percent, self.step = value, new_step
+        index = self.step_index if step_index is None else step_index
+        total = self.steps_total if steps_total is None else steps_total
+        if (value, new_step, index, total) != (self.percent, self.step, self.step_index, self.steps_total):
+            self.percent, self.step, self.step_index, self.steps_total = value, new_step, index, total
             if self.progress_sink is not None:
-                self.progress_sink(value, new_step)
+                self.progress_sink(value, new_step, index, total)
         self.check_cancelled()
 
     def usage(self, units: float | Decimal | int) -> None:
