@@ -1,3 +1,11 @@
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from django.conf import settings
 from django.core.cache import cache
@@ -5,6 +13,7 @@ from rest_framework.test import APIClient
 
 from tests.factories import UserFactory
 
+ROOT = Path(__file__).resolve().parent.parent
 REDIS_AVAILABLE = settings.CACHES["default"]["BACKEND"].endswith("RedisCache")
 POSTGRES_AVAILABLE = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 
@@ -89,3 +98,109 @@ def make_instance(catalog):
         return instance_create(owner=owner, tool=catalog(tool), name=name, workflow_id=workflow_id, config=config)
 
     return make
+
+
+class WorkerProcess:
+    """A `manage.py rqworker` subprocess (ToolexecWorker, with the scheduler) on the test database."""
+
+    def __init__(self, process: "subprocess.Popen[bytes]", log_path: str) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        """Child pids (the work-horse while a job runs, and the scheduler)."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def log(self) -> str:
+        with open(self.log_path) as handle:
+            return handle.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for child in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+@pytest.fixture
+def rq_worker(transactional_db, tmp_path):
+    """Starts real worker processes: ``rq_worker()`` returns a running WorkerProcess. Tests
+    using it must commit their data (``django_db(transaction=True)``). All are stopped after."""
+    from django.db import connection
+
+    started: list[WorkerProcess] = []
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": _database_url(connection.settings_dict),
+        "REDIS_URL": settings.REDIS_URL,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "TOOLEXEC_ENCRYPTION_KEYS": ",".join(settings.TOOLEXEC_ENCRYPTION_KEYS),
+        "TOOLEXEC_JOB_HEARTBEAT_SECONDS": str(settings.TOOLEXEC_JOB_HEARTBEAT_SECONDS),
+        "TOOLEXEC_JOB_STALE_SECONDS": str(settings.TOOLEXEC_JOB_STALE_SECONDS),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+    def start(*extra: str, **extra_env: str) -> WorkerProcess:
+        log_path = str(tmp_path / f"worker-{len(started)}.log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.run_worker",
+                    "default",
+                    "--with-scheduler",
+                    "--worker-class",
+                    "executions.worker.ToolexecWorker",
+                    *extra,
+                ],
+                cwd=str(ROOT),
+                env={**env, **extra_env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        worker = WorkerProcess(process, log_path)
+        started.append(worker)
+        deadline = time.monotonic() + 30
+        while "Listening on" not in worker.log() and "cleaning registries" not in worker.log():
+            if process.poll() is not None:
+                raise RuntimeError(f"the worker exited early:\n{worker.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{worker.log()}")
+            time.sleep(0.1)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def _database_url(db: dict) -> str:
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def wait_for(predicate, *, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
