@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,6 +39,7 @@ from instances.readiness import Readiness, readiness_check
 from instances.services import (
     ResolvedCredential,
     credential_failure_record,
+    credential_refresh,
     credentials_resolve,
     credits_balance,
     credits_hold,
@@ -161,6 +163,7 @@ def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Executio
             execution_id=str(execution.pk),
             tool_slug=definition.slug,
             credentials={slot: r.secret for slot, r in resolved.items()},
+            refresher=_refresher(resolved),
             deadline=time.monotonic() + time_limit,
             timeout_seconds=time_limit,
         )
@@ -205,6 +208,13 @@ def execution_record_start(
             started_at=started if mode == Mode.SYNC else None,
             created_at=started,
         )
+
+
+def _refresher(resolved: dict[str, ResolvedCredential]) -> Callable[[str], dict[str, Any]]:
+    def refresh(slot: str) -> dict[str, Any]:
+        return credential_refresh(credential_id=resolved[slot].credential_id)
+
+    return refresh
 
 
 def _run_with_time_limit(tool: Tool, inputs: dict[str, Any], ctx: ExecutionContext, seconds: int) -> Any:
@@ -512,6 +522,7 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
         execution_id=str(execution.pk),
         tool_slug=definition.slug,
         credentials={slot: r.secret for slot, r in resolved.items()},
+        refresher=_refresher(resolved),
         deadline=time.monotonic() + definition.timeout_seconds,
         timeout_seconds=definition.timeout_seconds,
         progress_sink=JobProgress(job),

@@ -19,6 +19,8 @@ class Provider:
     # Where a person fixes a broken credential ("{credential_id}" is filled in) or adds one.
     reconnect_path: str = "/api/v1/credentials/{credential_id}/"
     connect_path: str = "/api/v1/credentials/"
+    # Dotted path of ``fn(*, credential) -> secret`` that refreshes an OAuth credential.
+    token_refresher: str = ""
 
 
 BUILTIN_PROVIDERS: dict[str, Provider] = {
@@ -28,6 +30,7 @@ BUILTIN_PROVIDERS: dict[str, Provider] = {
         kinds=("oauth2",),
         reconnect_path="/credentials/oauth/google/connect/?credential={credential_id}",
         connect_path="/credentials/oauth/google/connect/",
+        token_refresher="instances.oauth.google_refresh",
     ),
     "http": Provider(key="http", display_name="HTTP service", kinds=("api_key", "bearer", "basic")),
 }

@@ -13,9 +13,10 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
-from toolexec.redaction import scrub
-from tools.errors import CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
+from toolexec.redaction import scrub, secrets_add
+from tools.errors import CredentialExpired, CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
 from tools.models import ToolDefinition
 from tools.schemas import defaults_errors, nul_errors
 
@@ -457,3 +458,21 @@ def credential_failure_record(*, error: ToolexecError, resolved: dict[str, Resol
         reason=scrub(error.detail) or error.code.value,
     )
     return credential_error_params(provider=match.provider, credential_id=match.credential_id)
+
+
+def credential_refresh(*, credential_id: str) -> dict[str, Any]:
+    """Refresh an OAuth credential through its provider's refresher; returns the new secret.
+
+    Raises CredentialExpired (and the refresher marks the credential EXPIRED) when the provider
+    refuses, or when there is nothing to refresh with.
+    """
+    credential = Credential.objects.get(pk=credential_id)
+    provider = provider_get(credential.provider)
+    if not (credential.refreshable and provider.token_refresher):
+        raise CredentialExpired(
+            "There is no refresh token to renew this access with.",
+            **credential_error_params(provider=credential.provider, credential_id=credential_id),
+        )
+    secret = import_string(provider.token_refresher)(credential=credential)
+    secrets_add(secret)
+    return secret

@@ -28,7 +28,11 @@ _SECRET_TEXT = re.compile(
 )
 MIN_SECRET_LENGTH = 4  # shorter values would blank ordinary words
 
-_known_secrets: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("toolexec_secrets", default=frozenset())
+# A set per secrets_in_play block; threads started inside it (with a copied context) share it,
+# so a secret added mid-run (a refreshed token) is blanked everywhere the run writes.
+_known_secrets: contextvars.ContextVar[frozenset[str] | set[str]] = contextvars.ContextVar(
+    "toolexec_secrets", default=frozenset()
+)
 
 
 def redact(value: Any) -> Any:
@@ -60,11 +64,18 @@ def _strings(value: Any) -> Iterator[str]:
 def secrets_in_play(secrets: Iterable[Any]) -> Iterator[None]:
     """Within the block, every string inside ``secrets`` is blanked by :func:`scrub`."""
     found = {s for secret in secrets for s in _strings(secret) if len(s) >= MIN_SECRET_LENGTH}
-    token = _known_secrets.set(_known_secrets.get() | found)
+    token = _known_secrets.set(set(_known_secrets.get()) | found)
     try:
         yield
     finally:
         _known_secrets.reset(token)
+
+
+def secrets_add(secret: Any) -> None:
+    """Blank ``secret`` too, for the rest of the current secrets_in_play block (if any)."""
+    current = _known_secrets.get()
+    if isinstance(current, set):
+        current.update(s for s in _strings(secret) if len(s) >= MIN_SECRET_LENGTH)
 
 
 def scrub(text: str) -> str:

@@ -263,6 +263,23 @@ TOOLEXEC_JOB_STALE_SECONDS = env_int("TOOLEXEC_JOB_STALE_SECONDS", 20, minimum=2
 TOOLEXEC_CANCEL_GRACE_SECONDS = env_int("TOOLEXEC_CANCEL_GRACE_SECONDS", 5, minimum=0)
 TOOLEXEC_IDEMPOTENCY_HOURS = env_int("TOOLEXEC_IDEMPOTENCY_HOURS", 24, minimum=1)
 
+# Files and outbound HTTP.
+MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(BASE_DIR / "media")))
+TOOLEXEC_MAX_UPLOAD_BYTES = env_int("TOOLEXEC_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, minimum=1)
+TOOLEXEC_MAX_DOWNLOAD_BYTES = env_int("TOOLEXEC_MAX_DOWNLOAD_BYTES", 50 * 1024 * 1024, minimum=1)
+TOOLEXEC_HTTP_MAX_RESPONSE_BYTES = env_int("TOOLEXEC_HTTP_MAX_RESPONSE_BYTES", 5 * 1024 * 1024, minimum=1)
+# Hosts http-request may reach even on private or loopback addresses (tests, development).
+TOOLEXEC_HTTP_ALLOWED_HOSTS = env_list("TOOLEXEC_HTTP_ALLOWED_HOSTS")
+
+# Google (base URLs are settings so tests and staging can point elsewhere).
+GOOGLE_DRIVE_API_URL = env_str("GOOGLE_DRIVE_API_URL", "https://www.googleapis.com/drive/v3").rstrip("/")
+GOOGLE_SHEETS_API_URL = env_str("GOOGLE_SHEETS_API_URL", "https://sheets.googleapis.com/v4").rstrip("/")
+GOOGLE_OAUTH_TOKEN_URL = env_str("GOOGLE_OAUTH_TOKEN_URL", "https://oauth2.googleapis.com/token")
+GOOGLE_OAUTH_AUTHORIZE_URL = env_str("GOOGLE_OAUTH_AUTHORIZE_URL", "https://accounts.google.com/o/oauth2/v2/auth")
+GOOGLE_OAUTH_USERINFO_URL = env_str("GOOGLE_OAUTH_USERINFO_URL", "https://openidconnect.googleapis.com/v1/userinfo")
+GOOGLE_OAUTH_CLIENT_ID = env_str("GOOGLE_OAUTH_CLIENT_ID")
+GOOGLE_OAUTH_CLIENT_SECRET = env_str("GOOGLE_OAUTH_CLIENT_SECRET")
+
 
 def _encryption_keys() -> list[str]:
     keys = env_list("TOOLEXEC_ENCRYPTION_KEYS")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from .errors import Cancelled, CredentialMissing, ToolTimeout
+from .errors import Cancelled, CredentialExpired, CredentialMissing, ToolTimeout
 
 SYNC = "sync"
 ASYNC = "async"
@@ -111,6 +111,8 @@ class ExecutionContext:
     timeout_seconds: int | None = None
     progress_sink: ProgressSink | None = None
     cancel_probe: Callable[[], bool] | None = None
+    # Given a slot, returns a freshly refreshed secret for it (or raises CredentialExpired).
+    refresher: Callable[[str], dict[str, Any]] | None = None
     percent: int = 0
     step: str = ""
     step_index: int | None = None
@@ -131,6 +133,17 @@ class ExecutionContext:
             return dict(self.credentials[slot])
         except KeyError:
             raise CredentialMissing(slot=slot) from None
+
+    def refresh_credential(self, slot: str) -> dict[str, Any]:
+        """A fresh secret for ``slot`` after the provider refused the current one (say, HTTP 401).
+
+        Raises :class:`~tools.errors.CredentialExpired` when the credential cannot be refreshed.
+        """
+        if self.refresher is None or slot not in self.credentials:
+            raise CredentialExpired(slot=slot)
+        secret = self.refresher(slot)
+        self.credentials = {**self.credentials, slot: secret}
+        return dict(secret)
 
     def progress(
         self, percent: float, step: str | None = None, *, step_index: int | None = None, steps_total: int | None = None
