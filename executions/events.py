@@ -8,10 +8,13 @@ learn it was cancelled.
 from __future__ import annotations
 
 import json
+import os
 import time
+from functools import lru_cache
 from typing import Any
 
 import django_rq
+from django.conf import settings
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
@@ -21,12 +24,19 @@ CANCEL_FLAG_TTL = 24 * 3600
 
 
 def redis() -> Redis:
+    """One client (and connection pool) per process and queue URL: progress publishes and
+    cancel checks happen thousands of times a run, and a new connection each time is slow."""
+    return _client(os.getpid(), json.dumps(settings.RQ_QUEUES[QUEUE_NAME], sort_keys=True, default=str))
+
+
+@lru_cache(maxsize=8)
+def _client(pid: int, config: str) -> Redis:
     return django_rq.get_connection(QUEUE_NAME)
 
 
 def queue() -> Queue:
     # "auto": our callers already wait for the transaction to commit.
-    return django_rq.get_queue(QUEUE_NAME, commit_mode="auto")
+    return django_rq.get_queue(QUEUE_NAME, commit_mode="auto", connection=redis())
 
 
 def channel(job_id: str) -> str:

@@ -188,7 +188,7 @@ def execution_record_start(
     definition = instance.tool
     hold = Decimal("0") if account.is_unlimited else definition.base_credits
     started = timezone.now()
-    with transaction.atomic() if hold else nullcontext():
+    with transaction.atomic(savepoint=False) if hold else nullcontext():
         if hold and not credits_hold(account=account, amount=hold):
             raise InsufficientCredits(
                 tool=definition.name,
@@ -317,6 +317,7 @@ def execution_finish(
             duration_ms=duration_ms,
         )
         if not finished:
+            transaction.set_rollback(True)  # the job update above must not stand alone
             return False
         succeeded = outcome.status == Execution.Status.COMPLETED
         if execution.instance_id is not None:
@@ -367,7 +368,8 @@ def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: s
     TOOLEXEC_IDEMPOTENCY_HOURS give back the first job and create nothing; a different body is
     refused. Raises QueueUnavailable (the execution then ends FAILED) when Redis is down.
     """
-    fingerprint = request_fingerprint(inputs) if idempotency_key else ""
+    # The instance is part of what a key identifies: the same key on another instance is a conflict.
+    fingerprint = request_fingerprint({"instance": str(instance.pk), "inputs": inputs}) if idempotency_key else ""
     if idempotency_key:
         replay = _idempotent_replay(owner_id=instance.owner_id, key=idempotency_key, fingerprint=fingerprint)
         if replay is not None:
@@ -446,6 +448,8 @@ def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
         return True
     except RedisError:
         logger.warning("Redis is unavailable; job %s could not be queued", job.pk)
+        # The client is told to retry: its Idempotency-Key must lead to a new run, not this one.
+        Execution.objects.filter(pk=job.execution_id).update(idempotency_key="")
         error = envelope(ErrorCode.QUEUE_UNAVAILABLE, {"tool": definition.name, "instance_id": str(job.instance_id)})
         execution_finish(
             execution=job.execution,

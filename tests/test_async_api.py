@@ -242,11 +242,6 @@ def test_a_key_just_inside_24_hours_still_replays(api, user, make_instance):
     assert counts() == (1, 1, 1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: the idempotent replay ignores the instance in the URL: the same key and body on another "
-    "instance answer with the first instance's job under this instance's URLs, which answer 404",
-    strict=True,
-)
 @pytest.mark.django_db(transaction=True)
 def test_a_replayed_answer_on_another_instance_never_points_at_urls_that_do_not_exist(api, user, make_instance):
     first_instance = make_instance(DEMO, owner=user, name="first")
@@ -263,11 +258,6 @@ def test_a_replayed_answer_on_another_instance_never_points_at_urls_that_do_not_
         assert api.get(body["progress_url"]).status_code == 200
 
 
-@pytest.mark.xfail(
-    reason="BUG: a key whose first request ended 503 QUEUE_UNAVAILABLE is spent for 24 hours: the "
-    "retry the 503 invites (can_retry) answers 202 'accepted' with the dead FAILED job, and nothing runs",
-    strict=True,
-)
 @pytest.mark.django_db(transaction=True)
 def test_retrying_a_key_after_queue_unavailable_never_accepts_a_dead_job(api, user, make_instance, settings):
     instance = make_instance(DEMO, owner=user)

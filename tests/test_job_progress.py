@@ -247,13 +247,6 @@ def test_progress_writes_are_coalesced_in_time_while_every_change_is_published(
     assert job.current_step == f"Item {calls} of {calls}"  # the last report was written
 
 
-@pytest.mark.xfail(
-    reason="BUG: progress() is not cheap: every change is published through a brand-new Redis client "
-    "(events.redis() -> django_rq.get_connection builds a new connection pool, i.e. a new TCP connection, "
-    "per call), ~2.6 ms a report; 10,000 reports take ~30 s, so the 250 ms coalescing writes the Job row "
-    "~120 times",
-    strict=True,
-)
 @pytest.mark.django_db(transaction=True)
 def test_ten_thousand_progress_reports_make_at_most_fifty_job_writes_and_are_all_published(
     api, user, make_instance, progress_tools
@@ -376,11 +369,6 @@ def test_a_late_report_on_a_cancelled_job_changes_nothing(api, user, make_instan
     assert CountingTool.runs == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG: execution_finish returns False from inside its transaction.atomic() block when the "
-    "execution had already ended, which commits the job's terminal update it made just before",
-    strict=True,
-)
 @pytest.mark.django_db(transaction=True)
 def test_a_late_report_that_finds_the_execution_ended_writes_nothing_at_all(api, user, make_instance, progress_tools):
     """execution_finish's contract: False, and nothing written, when the execution *or* the job
