@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -16,7 +17,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from toolexec.redaction import scrub, secrets_add
-from tools.errors import CredentialExpired, CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
+from tools.errors import CredentialExpired, CredentialInvalid, ErrorCode, InputInvalid, ToolexecError, UpstreamError
 from tools.models import ToolDefinition
 from tools.schemas import defaults_errors, nul_errors
 
@@ -402,7 +403,8 @@ def credentials_resolve(*, credentials: dict[str, Credential | None]) -> dict[st
     """Decrypt the credentials readiness resolved, just before a run, and mark them used.
 
     A secret that no longer decrypts (keys lost, row tampered with) turns the credential to
-    ERROR and refuses the run with CREDENTIAL_INVALID.
+    ERROR and refuses the run with CREDENTIAL_INVALID. An OAuth token that expires within
+    OAUTH_REFRESH_AHEAD is refreshed first (:func:`credential_secret_fresh`).
     """
     resolved: dict[str, ResolvedCredential] = {}
     for slot, credential in credentials.items():
@@ -416,6 +418,7 @@ def credentials_resolve(*, credentials: dict[str, Credential | None]) -> dict[st
             raise CredentialInvalid(
                 reason, **credential_error_params(provider=credential.provider, credential_id=str(credential.pk))
             ) from None
+        secret = credential_secret_fresh(credential=credential, secret=secret)
         resolved[slot] = ResolvedCredential(slot, str(credential.pk), credential.provider, secret)
     credentials_mark_used(credential_ids=[r.credential_id for r in resolved.values()])
     return resolved
@@ -476,3 +479,40 @@ def credential_refresh(*, credential_id: str) -> dict[str, Any]:
     secret = import_string(provider.token_refresher)(credential=credential)
     secrets_add(secret)
     return secret
+
+
+# --- OAuth tokens refreshed ahead of use --------------------------------------------------
+
+# A run starts with a token that stays good for at least this long, or a refreshed one.
+OAUTH_REFRESH_AHEAD = timedelta(minutes=5)
+
+logger = logging.getLogger(__name__)
+
+
+def credential_secret_fresh(*, credential: Credential, secret: dict[str, Any]) -> dict[str, Any]:
+    """``secret``, or a refreshed one when the OAuth token expires within OAUTH_REFRESH_AHEAD.
+
+    The provider's refresher serializes concurrent refreshes of one credential. A refused
+    refresh raises CredentialExpired (the credential is then EXPIRED); when the provider can't
+    be reached, a token that has not expired yet is used as it is.
+    """
+    provider = provider_get(credential.provider)
+    if not (
+        credential.kind == Credential.Kind.OAUTH2
+        and credential.refreshable
+        and credential.expires_at is not None
+        and provider.token_refresher
+    ):
+        return secret
+    now = timezone.now()
+    if credential.expires_at - now > OAUTH_REFRESH_AHEAD:
+        return secret
+    try:
+        fresh = import_string(provider.token_refresher)(credential=credential)
+    except UpstreamError:
+        if credential.is_expired(now):
+            raise
+        logger.warning("Could not refresh credential %s ahead of a run; using the current token", credential.pk)
+        return secret
+    secrets_add(fresh)
+    return fresh
