@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from toolexec.redaction import scrub, secrets_add
-from tools.errors import CredentialExpired, CredentialInvalid, ErrorCode, InputInvalid, ToolexecError, UpstreamError
+from tools.errors import CredentialExpired, CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
 from tools.models import ToolDefinition
 from tools.schemas import defaults_errors, nul_errors
 
@@ -493,8 +493,9 @@ def credential_secret_fresh(*, credential: Credential, secret: dict[str, Any]) -
     """``secret``, or a refreshed one when the OAuth token expires within OAUTH_REFRESH_AHEAD.
 
     The provider's refresher serializes concurrent refreshes of one credential. A refused
-    refresh raises CredentialExpired (the credential is then EXPIRED); when the provider can't
-    be reached, a token that has not expired yet is used as it is.
+    refresh raises CredentialExpired (the credential is then EXPIRED). When the refresh can't
+    happen now (the provider out of reach, this server's OAuth client not set up), the run goes
+    ahead with the token it has: the tool refreshes on the provider's 401, or says why not.
     """
     provider = provider_get(credential.provider)
     if not (
@@ -509,8 +510,8 @@ def credential_secret_fresh(*, credential: Credential, secret: dict[str, Any]) -
         return secret
     try:
         fresh = import_string(provider.token_refresher)(credential=credential)
-    except UpstreamError:
-        if credential.is_expired(now):
+    except ToolexecError as exc:
+        if exc.code not in (ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED):
             raise
         logger.warning("Could not refresh credential %s ahead of a run; using the current token", credential.pk)
         return secret

@@ -81,6 +81,7 @@ class FakeGoogle:
         self.token_requests: list[dict[str, str]] = []
         self.token_delay = 0.0
         self.token_down = False
+        self.token_rate_limited = False
         self.send_id_token = True
         self.send_userinfo = True
         self.rotate_refresh_tokens = False
@@ -248,6 +249,8 @@ class FakeGoogle:
             time.sleep(self.token_delay)
         if self.token_down:
             return _json({"error": "internal_failure"}, 503)
+        if self.token_rate_limited:
+            return _json({"error": "rate_limit_exceeded", "error_description": "Rate limit exceeded."}, 429)
         if (form.get("client_id"), form.get("client_secret")) != (CLIENT_ID, CLIENT_SECRET):
             return _json({"error": "invalid_client", "error_description": "The OAuth client was not found."}, 401)
         if form.get("grant_type") == "refresh_token":
@@ -897,29 +900,43 @@ def test_when_google_cannot_renew_ahead_of_time_the_still_valid_token_is_used(ap
     assert credential.status == Credential.Status.ACTIVE
 
 
-def test_an_expired_token_that_google_cannot_renew_now_is_refused_before_the_run(api, catalog, google):
-    connect_google(api, google, expires_in=timedelta(minutes=-1))
+@pytest.mark.django_db(transaction=True)  # the refresh after a 401 runs in the tool's thread
+def test_an_expired_token_that_google_cannot_renew_now_ends_the_run_in_words(api, catalog, google):
+    # The run goes ahead with the token it has; Google refuses it, and the renewal fails again.
+    credential = connect_google(api, google, access_token="ya29.expired-token", expires_in=timedelta(minutes=-1))
     instance_id = drive_instance(api, catalog)
     google.token_down = True
 
-    response = api.post(f"/api/v1/instances/{instance_id}/execute-sync", {"file_id": "any"}, format="json")
+    body = failed(run(api, instance_id, {"file_id": "any"}), "UPSTREAM_ERROR")
 
-    assert response.status_code == 502
-    body = failed(response.json(), "UPSTREAM_ERROR")
-    assert "sign-in service is having trouble" in body["error_message"]
-    assert google.requests == []
-    assert not Execution.objects.exists()
+    assert "Google's sign-in service is having trouble right now." in body["error_message"]
+    assert body["metadata"]["can_retry"] is True
+    assert len(google.token_requests) == 2  # ahead of the run, and after the 401
+    credential.refresh_from_db()
+    assert credential.status == Credential.Status.ACTIVE  # nothing is wrong with the account
 
 
+def test_a_rate_limited_renewal_ahead_of_the_run_uses_the_token_it_has(api, catalog, google):
+    connect_google(api, google, expires_in=timedelta(minutes=2))
+    instance_id = drive_instance(api, catalog)
+    google.add_sheet("sheet-q", "Plan", {"Sheet1": PLAN})
+    google.token_rate_limited = True
+
+    body = run(api, instance_id, {"file_id": "sheet-q"})
+
+    assert body["success"] is True, body
+    assert len(google.token_requests) == 1
+
+
+@pytest.mark.django_db(transaction=True)  # the refresh after a 401 runs in the tool's thread
 def test_a_refresh_refused_for_this_servers_client_settings_leaves_the_credential_alone(api, catalog, google, settings):
-    credential = connect_google(api, google, expires_in=timedelta(minutes=-1))
+    credential = connect_google(api, google, access_token="ya29.expired-token", expires_in=timedelta(minutes=-1))
     settings.GOOGLE_OAUTH_CLIENT_SECRET = "wrong"
     instance_id = drive_instance(api, catalog)
 
-    response = api.post(f"/api/v1/instances/{instance_id}/execute-sync", {"file_id": "any"}, format="json")
+    body = failed(run(api, instance_id, {"file_id": "any"}), "UPSTREAM_ERROR")
 
-    body = failed(response.json(), "UPSTREAM_ERROR")
-    assert "invalid_client" in body["error_message"]
+    assert "refused this server's sign-in settings (invalid_client)" in body["error_message"]
     assert body["metadata"]["can_retry"] is False
     credential.refresh_from_db()
     assert credential.status == Credential.Status.ACTIVE  # the person's account is fine
