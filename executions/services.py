@@ -624,7 +624,7 @@ def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:
         *job.attempt_log,
         {"attempt": job.attempts, "worker": job.worker_name, "error_code": error.get("error_code")},
     ]
-    next_rq_id = f"{job.pk}:{job.attempts + 1}"
+    next_rq_id = f"{job.pk}-attempt-{job.attempts + 1}"  # RQ ids: letters, digits, - and _
     step = f"Attempt {job.attempts} failed ({error.get('error_code')}); retrying in {delay:g} s"
     with transaction.atomic():
         moved = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
@@ -643,7 +643,7 @@ def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:
 
 
 def _job_requeue(job: Job, *, delay: float, rq_job_id: str | None = None) -> None:
-    rq_job_id = rq_job_id or f"{job.pk}:wait:{int(time.time() * 1000)}"
+    rq_job_id = rq_job_id or f"{job.pk}-wait-{int(time.time() * 1000)}"
     Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(rq_job_id=rq_job_id)
     events.queue().enqueue_in(
         timedelta(seconds=delay),
