@@ -133,8 +133,10 @@ def readiness_check(*, instance: ToolInstance, mode: str | None = None) -> Readi
 
     credentials = slot_credentials(instance=instance) if tool.credential_slots else {}
     now = timezone.now()
-    for slot in tool.required_slots:
-        checks.append(_credential_check(slot, credentials.get(slot["name"]), instance, params, now))
+    for slot in tool.credential_slots:
+        # An optional slot is checked once it is mapped: a mapped credential must be usable.
+        if slot.get("required", True) or instance.credential_mappings.get(slot["name"]):
+            checks.append(_credential_check(slot, credentials.get(slot["name"]), instance, params, now))
 
     if mode is not None:
         supported = [m for m in MODES if tool.supports(m)]
