@@ -97,3 +97,113 @@ class GoogleSheetTool(Tool):
 
 
 ALL_TEST_TOOLS = [NoopTool, PricedTool, AsyncOnlyTool, ExplodingTool, UpstreamFailingTool, SlowTool, GoogleSheetTool]
+
+
+# --- Async worker tests (tests/test_async_worker.py, tests/test_async_recovery.py) -----------
+
+
+class HardSleepTool(Tool):
+    """Sleeps with ``time.sleep`` (no checks at all), so only RQ's job timeout or its stop-job
+    command can end it early; with ``cooperative`` it waits with ``ctx.sleep`` instead."""
+
+    slug = "test-hard-sleep"
+    name = "Test Hard Sleep"
+    input_schema = {
+        "type": "object",
+        "properties": {"seconds": {"type": "number"}, "cooperative": {"type": "boolean"}},
+    }
+    modes = frozenset({ASYNC})
+    timeout_seconds = 2
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        seconds = float(inputs.get("seconds", 30))
+        if inputs.get("cooperative"):
+            ctx.sleep(seconds)
+        else:
+            import time
+
+            ctx.progress(1, "Sleeping without looking up")
+            time.sleep(seconds)
+        return {"slept": seconds}
+
+
+class StubbornTool(Tool):
+    """Reports progress once, then sleeps with ``time.sleep`` and never checks for a stop."""
+
+    slug = "test-stubborn"
+    name = "Test Stubborn"
+    input_schema = {"type": "object", "properties": {"seconds": {"type": "number"}}}
+    modes = frozenset({ASYNC})
+    timeout_seconds = 120
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import time
+
+        ctx.progress(5, "Working without looking up")
+        time.sleep(float(inputs.get("seconds", 60)))
+        return {"done": True}
+
+
+def attempts_key(execution_id: str) -> str:
+    return f"toolexec-test:attempts:{execution_id}"
+
+
+class FlakyTool(Tool):
+    """Fails with UPSTREAM_RATE_LIMITED on its first ``failures`` attempts (counted in Redis per
+    execution), then succeeds."""
+
+    slug = "test-flaky"
+    name = "Test Flaky"
+    input_schema = {"type": "object", "properties": {"failures": {"type": "integer", "minimum": 0}}}
+    modes = frozenset({ASYNC})
+    idempotent = True
+    retry_on = frozenset({"UPSTREAM_RATE_LIMITED"})
+    max_attempts = 3
+    retry_backoff_seconds = 0.5
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import django_rq
+
+        from tools.errors import UpstreamRateLimited
+
+        attempt = django_rq.get_connection("default").incr(attempts_key(ctx.execution_id))
+        if attempt <= int(inputs.get("failures", 1)):
+            raise UpstreamRateLimited("the server answered 429 Too Many Requests", provider="Example API")
+        return {"attempt": attempt}
+
+
+class FlakyUnsafeTool(FlakyTool):
+    """The same, but running it twice is not harmless: never retried automatically."""
+
+    slug = "test-flaky-unsafe"
+    name = "Test Flaky Unsafe"
+    idempotent = False
+
+
+ALL_TEST_TOOLS += [HardSleepTool, StubbornTool, FlakyTool, FlakyUnsafeTool]
+
+
+class ResumableTool(Tool):
+    """An idempotent tool that asks to be retried when its worker is lost: its first attempt
+    (counted in Redis per execution) waits ``seconds``, a later one finishes at once."""
+
+    slug = "test-resumable"
+    name = "Test Resumable"
+    input_schema = {"type": "object", "properties": {"seconds": {"type": "number"}}}
+    modes = frozenset({ASYNC})
+    idempotent = True
+    retry_on = frozenset({"WORKER_LOST"})
+    max_attempts = 2
+    retry_backoff_seconds = 0.5
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import django_rq
+
+        attempt = django_rq.get_connection("default").incr(attempts_key(ctx.execution_id))
+        if attempt == 1:
+            ctx.progress(10, "First attempt")
+            ctx.sleep(float(inputs.get("seconds", 30)))
+        return {"attempt": attempt}
+
+
+ALL_TEST_TOOLS += [ResumableTool]
