@@ -1,6 +1,9 @@
 from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
-from .models import Credential, CreditAccount, ToolInstance
+from .models import Credential, CreditAccount, ToolInstance, UploadedFile
+from .services import file_delete
 
 
 @admin.register(Credential)
@@ -48,3 +51,34 @@ class CreditAccountAdmin(admin.ModelAdmin):
     search_fields = ["owner__username"]
     list_select_related = ["owner"]
     readonly_fields = ["balance"]
+
+
+@admin.register(UploadedFile)
+class UploadedFileAdmin(admin.ModelAdmin):
+    """Read-only: files arrive through the API (which hashes them); deleting one here also
+    removes its stored bytes."""
+
+    list_display = ["name", "owner", "size_bytes", "content_type", "created_at"]
+    search_fields = ["name", "sha256", "owner__username"]
+    list_select_related = ["owner"]
+    date_hierarchy = "created_at"
+    fields = ["id", "owner", "name", "size_bytes", "content_type", "sha256", "stored_at", "created_at"]
+    readonly_fields = fields
+
+    @admin.display(description="Stored at")
+    def stored_at(self, obj: UploadedFile) -> str:
+        # The storage path as text: uploads are not served over HTTP, so there is nothing to link to.
+        return obj.file.name
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: UploadedFile | None = None) -> bool:
+        return False
+
+    def delete_model(self, request: HttpRequest, obj: UploadedFile) -> None:
+        file_delete(file=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[UploadedFile]) -> None:
+        for upload in queryset:
+            file_delete(file=upload)

@@ -149,3 +149,31 @@ class CreditAccount(models.Model):
 
     def covers(self, amount: Decimal) -> bool:
         return self.is_unlimited or self.balance >= amount
+
+
+def upload_path(upload: "UploadedFile", filename: str) -> str:
+    """Where an upload's bytes are stored: named by its id, never by the name the user gave it."""
+    return f"uploads/{upload.pk.hex[:2]}/{upload.pk}"
+
+
+class UploadedFile(models.Model):
+    """A file an owner uploaded for tools to read (POST /api/v1/files/); tools take its id."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="uploaded_files")
+    name = models.CharField(max_length=255, help_text="The file name the uploader gave; only for display.")
+    size_bytes = models.PositiveBigIntegerField()
+    content_type = models.CharField(max_length=255, blank=True)
+    sha256 = models.CharField(max_length=64)
+    file = models.FileField(upload_to=upload_path, max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            # GET /api/v1/files/ (the owner's files, newest first, cursor-paginated).
+            models.Index(fields=["owner", "-created_at"], name="uploadedfile_owner_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name

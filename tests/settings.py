@@ -5,8 +5,10 @@ Under CI=true an unreachable service fails the run with a message saying which a
 Elsewhere the suite falls back to SQLite (and skips what needs Redis), and says so loudly.
 """
 
+import atexit
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -24,6 +26,12 @@ os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
 os.environ.setdefault("TOOLEXEC_BASE_URL", "https://toolexec.test")
 os.environ["DEBUG"] = "false"  # tests run the production configuration
 os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
+# Uploads go to a directory of this test run, removed when it ends. Worker processes the run
+# starts inherit the environment, so they read the same directory.
+if "TOOLEXEC_TEST_MEDIA_ROOT" not in os.environ:
+    os.environ["TOOLEXEC_TEST_MEDIA_ROOT"] = tempfile.mkdtemp(prefix="toolexec-test-media-")
+    atexit.register(shutil.rmtree, os.environ["TOOLEXEC_TEST_MEDIA_ROOT"], ignore_errors=True)
+os.environ["MEDIA_ROOT"] = os.environ["TOOLEXEC_TEST_MEDIA_ROOT"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

@@ -6,6 +6,7 @@ from rest_framework.routers import DefaultRouter
 
 from executions.api import ExecutionViewSet, InstanceRunViewSet, JobViewSet
 from instances.api import CredentialViewSet, InstanceViewSet
+from instances.files_api import FileViewSet
 from tools.api import ToolViewSet
 
 from .api import TokenView
@@ -19,6 +20,7 @@ router.register("instances", InstanceViewSet, basename="instance")
 router.register("instances", InstanceRunViewSet, basename="instance-run")
 router.register(r"instances/(?P<instance_id>[0-9a-fA-F-]{36})/jobs", JobViewSet, basename="instance-job")
 router.register("credentials", CredentialViewSet, basename="credential")
+router.register("files", FileViewSet, basename="file")
 router.register("executions", ExecutionViewSet, basename="execution")
 
 urlpatterns = [

@@ -45,6 +45,7 @@ class ErrorCode(StrEnum):
     NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
     THROTTLED = "THROTTLED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    FILE_TOO_LARGE = "FILE_TOO_LARGE"
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,13 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ),
     ErrorCode.INTERNAL_ERROR: CatalogEntry(
         500, "Something went wrong on our side. The error was logged; please try again.", can_retry=True
+    ),
+    ErrorCode.FILE_TOO_LARGE: CatalogEntry(
+        413,
+        "This file is too large: uploads may be at most {limit}.",
+        actions=(
+            Action("reduce_file", "Upload a smaller file: split it, or leave out what you don't need", "", "high"),
+        ),
     ),
 }
 
