@@ -5,14 +5,17 @@ RQ's forking worker, with three additions so no job state lies:
 - the process watching a work-horse reports the job alive every TOOLEXEC_JOB_HEARTBEAT_SECONDS;
 - when a work-horse dies (SIGKILL, out of memory), its job ends at once (WORKER_LOST, or a
   retry where the tool allows one): RQ itself calls no failure callback then;
-- between jobs, and at least every RQ maintenance interval while idle, the reaper ends jobs
-  whose worker vanished altogether and enforces overdue cancellations.
+- the reaper, which ends jobs whose worker vanished altogether and enforces overdue
+  cancellations, runs between jobs, every maintenance interval while idle, and at every
+  heartbeat while this worker watches a job (so a busy worker still reaps, and stops a
+  cancelled job that never checks). It is two indexed queries over RUNNING jobs.
 
 Job descriptions are not logged: the log carries job ids only.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.conf import settings
@@ -22,6 +25,8 @@ from rq.queue import Queue
 from rq.worker import Worker
 
 from .services import job_heartbeat, job_horse_lost, jobs_reap
+
+logger = logging.getLogger(__name__)
 
 
 class ToolexecWorker(Worker):
@@ -48,11 +53,20 @@ class ToolexecWorker(Worker):
 
     def maintain_heartbeats(self, job: RQJob) -> None:
         super().maintain_heartbeats(job)
-        job_heartbeat(rq_job_id=job.id)
+        try:
+            job_heartbeat(rq_job_id=job.id)
+            jobs_reap()
+        except Exception:
+            # Watching the horse must go on; the next beat tries again.
+            logger.exception("Heartbeat or reaping failed while watching job %s", job.id)
 
     def handle_work_horse_killed(self, job: RQJob, retpid: int, ret_val: int, rusage: Any) -> None:
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        job_horse_lost(rq_job_id=job.id, reason=f"work-horse {retpid} ended with status {ret_val}")
+        try:
+            job_horse_lost(rq_job_id=job.id, reason=f"work-horse {retpid} ended with status {ret_val}")
+        except Exception:
+            # The reaper ends the job once its heartbeat is stale; the worker itself must live on.
+            logger.exception("Could not record the loss of job %s", job.id)
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()

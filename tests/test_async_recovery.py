@@ -140,14 +140,6 @@ def test_sigkill_of_the_whole_worker_ends_the_job_worker_lost_within_60_s_by_ano
     assert wait_result(api, instance, follow_up)["status"] == "COMPLETED"
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: jobs_reap runs only in run_maintenance_tasks, which RQ calls while a worker is idle; a "
-        "worker busy with a long job never reaps, so with every surviving worker busy and nobody "
-        "reading the job, a lost job stays RUNNING until some worker becomes idle"
-    ),
-    strict=True,
-)
 def test_a_lost_job_is_reaped_even_while_the_surviving_worker_is_busy(api, user, make_instance, rq_worker, settings):
     settings.TOOLEXEC_JOB_STALE_SECONDS = 4
     settings.TOOLEXEC_JOB_HEARTBEAT_SECONDS = 1

@@ -393,14 +393,6 @@ def test_cancelled_running_job_stops_at_its_next_check(api, user, make_instance,
     assert_books_consistent(instance, user, runs=1, successes=0, charged=Decimal("0"))
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: a cancelled job whose tool never checks is only stopped by jobs_reap, which runs in "
-        "run_maintenance_tasks of an IDLE worker; the worker running the job never reaps, so with a "
-        "single worker the job keeps running (and then ends COMPLETED)"
-    ),
-    strict=True,
-)
 def test_cancelled_stubborn_job_is_stopped_through_rq_with_a_single_worker(
     api, user, make_instance, rq_worker, settings
 ):
