@@ -45,6 +45,7 @@ from instances.services import (
     credits_hold,
     credits_settle,
     credits_words,
+    file_opener,
 )
 from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
 from tools import registry
@@ -164,6 +165,7 @@ def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Executio
             tool_slug=definition.slug,
             credentials={slot: r.secret for slot, r in resolved.items()},
             refresher=_refresher(resolved),
+            files=file_opener(owner_id=instance.owner_id),
             deadline=time.monotonic() + time_limit,
             timeout_seconds=time_limit,
         )
@@ -527,6 +529,7 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
         tool_slug=definition.slug,
         credentials={slot: r.secret for slot, r in resolved.items()},
         refresher=_refresher(resolved),
+        files=file_opener(owner_id=job.owner_id),
         deadline=time.monotonic() + definition.timeout_seconds,
         timeout_seconds=definition.timeout_seconds,
         progress_sink=JobProgress(job),

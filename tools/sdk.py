@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
-from .errors import Cancelled, CredentialExpired, CredentialMissing, ToolTimeout
+from .errors import Cancelled, CredentialExpired, CredentialMissing, InputInvalid, ToolTimeout
 
 SYNC = "sync"
 ASYNC = "async"
@@ -113,6 +113,9 @@ class ExecutionContext:
     cancel_probe: Callable[[], bool] | None = None
     # Given a slot, returns a freshly refreshed secret for it (or raises CredentialExpired).
     refresher: Callable[[str], dict[str, Any]] | None = None
+    # Given an uploaded file's id, returns its metadata and its opened bytes, if the run's owner
+    # has such a file (or raises InputInvalid naming file_id).
+    files: Callable[[str], tuple[dict[str, Any], IO[bytes]]] | None = None
     percent: int = 0
     step: str = ""
     step_index: int | None = None
@@ -144,6 +147,19 @@ class ExecutionContext:
         secret = self.refresher(slot)
         self.credentials = {**self.credentials, slot: secret}
         return dict(secret)
+
+    def open_file(self, file_id: str) -> tuple[dict[str, Any], IO[bytes]]:
+        """An uploaded file of the run's owner: its metadata (``id``, ``name``, ``size_bytes``,
+        ``content_type``, ``sha256``) and a binary stream of its bytes, which the tool closes.
+
+        Raises :class:`~tools.errors.InputInvalid` naming ``file_id`` when the owner has no
+        file with this id.
+        """
+        if self.files is None:
+            raise InputInvalid(
+                "No uploaded file with this id.", field_errors={"file_id": ["No uploaded file with this id."]}
+            )
+        return self.files(file_id)
 
     def progress(
         self, percent: float, step: str | None = None, *, step_index: int | None = None, steps_total: int | None = None

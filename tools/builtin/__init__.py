@@ -1,3 +1,3 @@
 """Built-in tools. Importing this package registers them."""
 
-from . import demo_long_task, google_drive, http_request, json_transform  # noqa: F401
+from . import demo_long_task, google_drive, http_request, json_transform, spreadsheet_reader  # noqa: F401
