@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -164,6 +164,7 @@ def execution_run_sync(*, instance: ToolInstance, inputs: Any) -> tuple[Executio
             execution_id=str(execution.pk),
             tool_slug=definition.slug,
             credentials={slot: r.secret for slot, r in resolved.items()},
+            credential_info={slot: r.metadata for slot, r in resolved.items()},
             refresher=_refresher(resolved),
             files=file_opener(owner_id=instance.owner_id),
             deadline=time.monotonic() + time_limit,
@@ -232,6 +233,10 @@ def _run_with_time_limit(tool: Tool, inputs: dict[str, Any], ctx: ExecutionConte
             box["result"] = tool.run(inputs, ctx)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes the run's outcome
             box["error"] = exc
+        finally:
+            # The platform's hooks (files, token refresh) may have opened this thread's own
+            # database connection; nothing else would close it.
+            connections.close_all()
 
     # The copied context carries the secrets in play, so the tool's log lines are scrubbed.
     context = contextvars.copy_context()
@@ -528,6 +533,7 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
         execution_id=str(execution.pk),
         tool_slug=definition.slug,
         credentials={slot: r.secret for slot, r in resolved.items()},
+        credential_info={slot: r.metadata for slot, r in resolved.items()},
         refresher=_refresher(resolved),
         files=file_opener(owner_id=job.owner_id),
         deadline=time.monotonic() + definition.timeout_seconds,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.files import File
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -22,7 +26,7 @@ from tools.models import ToolDefinition
 from tools.schemas import defaults_errors, nul_errors
 
 from .crypto import SecretUnreadable, reseal
-from .models import Credential, CreditAccount, ToolInstance
+from .models import Credential, CreditAccount, ToolInstance, UploadedFile
 from .providers import provider_get, providers, reconnect_path
 
 
@@ -161,6 +165,9 @@ SECRET_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
 class CredentialInUse(ToolexecError):
     code = ErrorCode.INVALID_TRANSITION
 
@@ -198,8 +205,10 @@ def _check_credential(*, provider: str, kind: str, secret: Any | None, metadata:
         errors["metadata"] = ["Must be an object."]
     elif nul_errors(metadata):
         errors.update({f"metadata.{path}": messages for path, messages in nul_errors(metadata).items()})
-    elif "header_name" in metadata and not (isinstance(metadata["header_name"], str) and metadata["header_name"]):
-        errors["metadata.header_name"] = ["Must be a non-empty header name."]
+    elif "header_name" in metadata and not (
+        isinstance(metadata["header_name"], str) and HEADER_NAME.fullmatch(metadata["header_name"])
+    ):
+        errors["metadata.header_name"] = ["Must be an HTTP header name, e.g. X-API-Key."]
     if errors:
         raise InputInvalid("The credential is not valid: " + "; ".join(errors), field_errors=errors)
 
@@ -397,6 +406,7 @@ class ResolvedCredential:
     credential_id: str
     provider: str
     secret: dict[str, Any] = field(repr=False)
+    metadata: dict[str, Any] = field(default_factory=dict)  # non-secret, e.g. an API key's header_name
 
 
 def credentials_resolve(*, credentials: dict[str, Credential | None]) -> dict[str, ResolvedCredential]:
@@ -419,7 +429,9 @@ def credentials_resolve(*, credentials: dict[str, Credential | None]) -> dict[st
                 reason, **credential_error_params(provider=credential.provider, credential_id=str(credential.pk))
             ) from None
         secret = credential_secret_fresh(credential=credential, secret=secret)
-        resolved[slot] = ResolvedCredential(slot, str(credential.pk), credential.provider, secret)
+        resolved[slot] = ResolvedCredential(
+            slot, str(credential.pk), credential.provider, secret, metadata=dict(credential.metadata)
+        )
     credentials_mark_used(credential_ids=[r.credential_id for r in resolved.values()])
     return resolved
 
@@ -520,17 +532,6 @@ def credential_secret_fresh(*, credential: Credential, secret: dict[str, Any]) -
 
 
 # --- Uploaded files -----------------------------------------------------------------------
-# Imported here, beside their only users, so this section stands on its own.
-
-import hashlib  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from typing import IO  # noqa: E402
-
-from django.core.files import File  # noqa: E402
-from django.db import connection  # noqa: E402
-
-from .models import UploadedFile  # noqa: E402
 
 
 class FileTooLarge(ToolexecError):
@@ -652,16 +653,8 @@ def file_opener(*, owner_id: int) -> Callable[[str], tuple[dict[str, Any], IO[by
     """What a run of ``owner_id``'s gets as ``ExecutionContext.files``: a file id in, the file's
     metadata and its opened bytes out (see :func:`file_open_for_run`)."""
 
-    home = threading.get_ident()
-
     def open_file(file_id: str) -> tuple[dict[str, Any], IO[bytes]]:
-        try:
-            upload, stream = file_open_for_run(owner_id=owner_id, file_id=file_id)
-        finally:
-            if threading.get_ident() != home:
-                # A sync run's tool works in a thread of its own, whose database connection
-                # nothing else closes (it would stay open until garbage collection).
-                connection.close()
+        upload, stream = file_open_for_run(owner_id=owner_id, file_id=file_id)
         return file_meta(upload), stream
 
     return open_file

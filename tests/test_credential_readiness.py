@@ -530,3 +530,26 @@ def test_tool_raising_credential_expired_flips_the_credential_and_validate_says_
     )
     assert renewed.json()["status"] == "ACTIVE"
     assert validate(api, instance["id"])["is_ready"] is True
+
+
+def test_a_revoked_credential_on_an_optional_slot_makes_the_instance_not_ready(api, make_instance, user):
+    """http-request's AUTH slot is optional; once mapped, its credential must be usable."""
+    created = api.post(
+        "/api/v1/credentials/",
+        {"provider": "http", "kind": "bearer", "label": "API", "secret": {"token": "tok-9f8e7d6c"}},
+        format="json",
+    ).json()
+    instance = make_instance("http-request", owner=user)
+    mapped = api.post(
+        f"/api/v1/instances/{instance.pk}/configure-credentials",
+        {"credential_mappings": {"AUTH": created["id"]}},
+        format="json",
+    )
+    assert mapped.status_code == 200
+    assert api.get(f"/api/v1/instances/{instance.pk}/validate-execution").json()["is_ready"] is True
+
+    Credential.objects.filter(pk=created["id"]).update(status=Credential.Status.REVOKED)
+
+    body = api.get(f"/api/v1/instances/{instance.pk}/validate-execution").json()
+    assert body["is_ready"] is False
+    assert body["error_code"] == "CREDENTIAL_REVOKED"

@@ -413,12 +413,12 @@ def map_credential(api: APIClient, instance_id: str, kind: str, **extra: Any) ->
     ("kind", "header", "value"),
     [
         ("bearer", "Authorization", "Bearer tok-3f9a7c1e5b"),
-        ("api_key", "X-API-Key", "key-8d2b6e0a4c"),
+        ("api_key", "X-Service-Key", "key-8d2b6e0a4c"),  # the credential's metadata.header_name
         ("basic", "Authorization", "Basic YWRhOnB3LTVjMWU5YjNkN2Y="),  # ada:pw-5c1e9b3d7f
     ],
 )
 def test_each_credential_kind_adds_its_header_and_never_comes_back(api, instance_id, server, kind, header, value):
-    extra = {"metadata": {"header_name": "X-API-Key"}} if kind == "api_key" else {}
+    extra = {"metadata": {"header_name": "X-Service-Key"}} if kind == "api_key" else {}
     map_credential(api, instance_id, kind, **extra)
     server.expect_request("/me", headers={header: value}).respond_with_handler(echo_headers)
 
@@ -618,19 +618,23 @@ def test_a_stop_between_reads_ends_the_request(server):
     [
         ({}, "not a bearer token, an API key or a user name and password"),
         ({"token": "tok\r\nX-Injected: 1"}, "cannot be sent in an HTTP header"),
-        ({"api_key": "k", "header_name": "Bad Name"}, "cannot be sent in an HTTP header"),
     ],
 )
 def test_secrets_that_cannot_become_a_header_are_refused_as_invalid(secret, words):
     with pytest.raises(CredentialInvalid, match=words) as refusal:
-        _auth_headers(secret)
+        _auth_headers(secret, {})
 
     assert refusal.value.params["slot"] == "AUTH"
 
 
-def test_an_api_key_secret_may_name_its_header():
-    assert _auth_headers({"api_key": "k-1", "header_name": "X-Service-Key"}) == {"X-Service-Key": "k-1"}
-    assert _auth_headers({"api_key": "k-1"}) == {"X-API-Key": "k-1"}
+def test_an_api_key_is_sent_in_the_header_its_credential_names():
+    assert _auth_headers({"api_key": "k-1"}, {"header_name": "X-Service-Key"}) == {"X-Service-Key": "k-1"}
+    assert _auth_headers({"api_key": "k-1"}, {}) == {"X-API-Key": "k-1"}
+
+
+def test_a_header_name_that_cannot_be_a_header_is_refused_as_invalid():
+    with pytest.raises(CredentialInvalid, match="cannot be sent in an HTTP header"):
+        _auth_headers({"api_key": "k"}, {"header_name": "Bad Name"})
 
 
 # --- inputs refused before anything is recorded ---------------------------------------------

@@ -107,6 +107,8 @@ class ExecutionContext:
     execution_id: str
     tool_slug: str = ""
     credentials: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    # The non-secret metadata of each slot's credential (an API key's header_name, scopes, email).
+    credential_info: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     deadline: float | None = None
     timeout_seconds: int | None = None
     progress_sink: ProgressSink | None = None
@@ -136,6 +138,10 @@ class ExecutionContext:
             return dict(self.credentials[slot])
         except KeyError:
             raise CredentialMissing(slot=slot) from None
+
+    def credential_metadata(self, slot: str) -> dict[str, Any]:
+        """The non-secret metadata of the credential mapped to ``slot`` (empty when none)."""
+        return dict(self.credential_info.get(slot, {}))
 
     def refresh_credential(self, slot: str) -> dict[str, Any]:
         """A fresh secret for ``slot`` after the provider refused the current one (say, HTTP 401).

@@ -147,7 +147,7 @@ class HttpRequest(Tool):
             _set_default(headers, "Content-Type", "text/plain; charset=utf-8")
         credential_headers: list[str] = []
         if AUTH_SLOT in ctx.credentials:
-            auth = _auth_headers(ctx.credential(AUTH_SLOT))
+            auth = _auth_headers(ctx.credential(AUTH_SLOT), ctx.credential_metadata(AUTH_SLOT))
             headers = {k: v for k, v in headers.items() if k.lower() not in {a.lower() for a in auth}}
             headers.update(auth)
             credential_headers = list(auth)
@@ -204,13 +204,14 @@ def _with_query(url: str, query: dict[str, Any]) -> str:
     return urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra, fragment=""))
 
 
-def _auth_headers(secret: dict[str, Any]) -> dict[str, str]:
+def _auth_headers(secret: dict[str, Any], metadata: dict[str, Any]) -> dict[str, str]:
     """The header the AUTH credential becomes. The secret's shape tells its kind: ``token``
-    (bearer), ``api_key`` (with an optional ``header_name``), or ``username`` and ``password``."""
+    (bearer), ``api_key`` (sent in the credential's ``metadata.header_name``, X-API-Key by
+    default), or ``username`` and ``password``."""
     if secret.get("token"):
         headers = {"Authorization": f"Bearer {secret['token']}"}
     elif secret.get("api_key"):
-        headers = {str(secret.get("header_name") or DEFAULT_API_KEY_HEADER): str(secret["api_key"])}
+        headers = {str(metadata.get("header_name") or DEFAULT_API_KEY_HEADER): str(secret["api_key"])}
     elif "username" in secret and "password" in secret:
         username, password = str(secret["username"]), str(secret["password"])
         if ":" in username:
