@@ -42,9 +42,8 @@ def other_user(db):
     return UserFactory()
 
 
-@pytest.fixture
-def api(user) -> APIClient:
-    """An API client signed in as ``user`` with a real hashed token."""
+def token_client(user) -> APIClient:
+    """An API client signed in as ``user`` with a real (hashed) API token."""
     from toolexec.models import ApiToken
 
     _, key = ApiToken.issue(user=user)
@@ -55,14 +54,13 @@ def api(user) -> APIClient:
 
 
 @pytest.fixture
-def other_api(other_user) -> APIClient:
-    from toolexec.models import ApiToken
+def api(user) -> APIClient:
+    return token_client(user)
 
-    _, key = ApiToken.issue(user=other_user)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
-    client.user = other_user
-    return client
+
+@pytest.fixture
+def other_api(other_user) -> APIClient:
+    return token_client(other_user)
 
 
 @pytest.fixture
