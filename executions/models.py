@@ -60,6 +60,8 @@ class Execution(models.Model):
             models.Index(fields=["instance", "-created_at"], name="execution_instance_created_idx"),
             # GET /api/v1/executions/?status=FAILED (latest failures).
             models.Index(fields=["owner", "status", "-created_at"], name="execution_owner_status_idx"),
+            # Everyone's last 24 hours: the staff status overview and the admin's date hierarchy.
+            models.Index(fields=["-created_at"], name="execution_created_idx"),
         ]
         constraints = [
             # Idempotency-Key: one execution per owner and key.
@@ -125,6 +127,8 @@ class Job(models.Model):
             # The reaper: RUNNING jobs (it then checks heartbeat_at, which is left out of every
             # index so that progress and heartbeat writes stay heap-only updates).
             models.Index(fields=["created_at"], condition=Q(status="RUNNING"), name="job_running_idx"),
+            # Jobs in flight that have not started yet (status overview, oldest first).
+            models.Index(fields=["created_at"], condition=Q(status="QUEUED"), name="job_queued_idx"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(progress__lte=100), name="job_progress_at_most_100"),

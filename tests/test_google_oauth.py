@@ -83,10 +83,10 @@ def test_connect_sends_the_person_to_google_with_what_the_tools_need(browser, go
     assert "client_secret" not in query
 
 
-def test_connect_needs_a_signed_in_person(client, google):
+def test_connect_needs_a_signed_in_person(client, google, settings):
     response = client.get(CONNECT)
     assert response.status_code == 302
-    assert response["Location"].startswith("/api-auth/login/?next=")
+    assert response["Location"].startswith(f"{settings.LOGIN_URL}?next=")
 
 
 def test_connect_for_a_credential_that_is_not_yours_is_not_found(browser, google, other_user):
