@@ -40,4 +40,4 @@ class DemoLongTask(Tool):
         for index in range(1, steps + 1):
             ctx.sleep(step_seconds)
             ctx.progress(index * 100 / steps, f"Step {index} of {steps}", step_index=index, steps_total=steps)
-        return {"steps_completed": steps, "seconds": steps * step_seconds}
+        return {"steps_completed": steps, "seconds": round(steps * step_seconds, 3)}
