@@ -301,14 +301,12 @@ def execution_finish(
     credits = outcome.credits
     with transaction.atomic():
         if job is not None:
-            job_updates: dict[str, Any] = {
-                "status": outcome.status,
-                "finished_at": now,
-                "sealed_inputs": "",
-                "updated_at": now,
-            }
+            job_updates: dict[str, Any] = {"status": outcome.status, "finished_at": now, "updated_at": now}
             if outcome.status == Execution.Status.COMPLETED:
+                # Done with them; a failed, cancelled or timed-out job keeps its (sealed) inputs
+                # so an operator can retry it as a new run (job_retry_as_new).
                 job_updates["progress"] = 100
+                job_updates["sealed_inputs"] = ""
             if not Job.objects.filter(pk=job.pk, status__in=job_from).update(**job_updates):
                 return False
         finished = Execution.objects.filter(
@@ -707,6 +705,29 @@ def job_cancel(*, job: Job) -> Job:
     return job
 
 
+class JobNotRetryable(ToolexecError):
+    code = ErrorCode.INVALID_TRANSITION
+
+
+RETRYABLE_AS_NEW = frozenset({Job.Status.FAILED, Job.Status.CANCELLED, Job.Status.TIMED_OUT})
+
+
+def job_retry_as_new(*, job: Job, actor: Any = None) -> Job:
+    """Run a failed, cancelled or timed-out job's inputs again as a new Execution and Job,
+    through the same checks and enqueue path as execute-async. The old records stay as they are."""
+    if job.status not in RETRYABLE_AS_NEW:
+        raise JobNotRetryable(f"Only a failed, cancelled or timed-out job can be retried; this one is {job.status}.")
+    if job.instance_id is None:
+        raise JobNotRetryable("The instance this job ran on was deleted; there is nothing to run it on.")
+    if not job.sealed_inputs:
+        raise JobNotRetryable("This job's inputs are no longer kept, so it cannot be run again.")
+    inputs = unseal(job.sealed_inputs, row_id=str(job.pk), owner_id=job.owner_id)
+    instance = ToolInstance.objects.select_related("tool", "owner__credit_account").get(pk=job.instance_id)
+    accepted = execution_enqueue(instance=instance, inputs=inputs)
+    logger.info("Job %s retried as job %s by %s", job.pk, accepted.job.pk, getattr(actor, "pk", None))
+    return accepted.job
+
+
 def _rq_cancel(rq_job_id: str) -> None:
     try:
         RQJob.fetch(rq_job_id, connection=events.redis()).cancel()
@@ -817,3 +838,29 @@ def job_check_alive(*, job: Job) -> Job:
         job.refresh_from_db()
         job.execution.refresh_from_db()
     return job
+
+
+# --- Credits ------------------------------------------------------------------------------
+
+
+def credits_adjust(*, account: CreditAccount, amount: Decimal, reason: str, actor: Any = None) -> CreditLedgerEntry:
+    """An operator's manual change of a balance (negative takes credits away), with its reason,
+    in the ledger: one transaction, the balance moved with F()."""
+    reason = (reason or "").strip()
+    errors: dict[str, list[str]] = {}
+    if not amount:
+        errors["amount"] = ["Must not be zero."]
+    if not reason:
+        errors["reason"] = ["Say why the balance changes."]
+    if errors:
+        raise InputInvalid("The adjustment is not valid: " + "; ".join(errors), field_errors=errors)
+    with transaction.atomic():
+        CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") + amount, updated_at=timezone.now())
+        entry = CreditLedgerEntry.objects.create(
+            account=account,
+            kind=CreditLedgerEntry.Kind.ADJUSTMENT,
+            amount=amount,
+            reason=reason[:300],
+            created_by=actor if actor is not None and actor.is_authenticated else None,
+        )
+    return entry

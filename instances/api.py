@@ -343,18 +343,18 @@ class CredentialViewSet(
     def create(self, request: Request) -> Response:
         data = CredentialCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        credential = credential_create(owner=request.user, **data.validated_data)
+        credential = credential_create(owner=request.user, actor=request.user, **data.validated_data)
         return Response(CredentialSerializer(credential).data, status=status.HTTP_201_CREATED)
 
     def update(self, request: Request, pk: str | None = None, partial: bool = False) -> Response:
         credential = self.get_object()
         data = CredentialUpdateSerializer(data=request.data, partial=partial)
         data.is_valid(raise_exception=True)
-        credential = credential_update(credential=credential, **data.validated_data)
+        credential = credential_update(credential=credential, actor=self.request.user, **data.validated_data)
         return Response(CredentialSerializer(credential).data)
 
     def partial_update(self, request: Request, pk: str | None = None) -> Response:
         return self.update(request, pk, partial=True)
 
     def perform_destroy(self, credential: Credential) -> None:
-        credential_delete(credential=credential)
+        credential_delete(credential=credential, actor=self.request.user)

@@ -81,6 +81,45 @@ class Credential(models.Model):
         return unseal(self.secret, row_id=str(self.pk), owner_id=self.owner_id)
 
 
+class CredentialAuditEntry(models.Model):
+    """Who changed a credential, when, and which fields: never the values."""
+
+    class Action(models.TextChoices):
+        CREATED = "created"
+        UPDATED = "updated"
+        REVOKED = "revoked"
+        REFRESHED = "refreshed"
+        TESTED = "tested"
+        REENCRYPTED = "reencrypted"
+        DELETED = "deleted"
+        STATUS_CHANGED = "status_changed"
+
+    # The entry outlives the credential: the id stays beside the (then empty) link.
+    credential = models.ForeignKey(
+        Credential, on_delete=models.SET_NULL, null=True, blank=True, related_name="audit_entries"
+    )
+    credential_ref = models.UUIDField(help_text="The credential's id, kept after it is deleted.")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    action = models.CharField(max_length=20, choices=Action.choices)
+    fields = models.JSONField(default=list, blank=True, help_text="Names of the changed fields, never their values.")
+    note = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "credential audit entries"
+        indexes = [
+            # A credential's audit log, newest first (the credential's admin page).
+            models.Index(fields=["credential_ref", "-created_at"], name="credaudit_cred_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.credential_ref}"
+
+
 class ToolInstance(models.Model):
     class Status(models.TextChoices):
         DRAFT = "DRAFT"

@@ -43,7 +43,13 @@ from tools.errors import CredentialExpired, UpstreamError, UpstreamRateLimited
 from .crypto import SecretUnreadable
 from .models import Credential
 from .providers import provider_get
-from .services import credential_create, credential_error_params, credential_mark_failed, credential_update
+from .services import (
+    credential_create,
+    credential_error_params,
+    credential_mark_failed,
+    credential_secret_fresh,
+    credential_update,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -497,3 +503,26 @@ def _configured_for_refresh(client: OAuthClient) -> OAuthClient:
 def google_refresh(*, credential: Credential) -> dict[str, Any]:
     """The Google provider's token refresher (named in instances/providers.py)."""
     return oauth_refresh(credential=credential)
+
+
+def google_test_connection(*, credential: Credential) -> tuple[bool, str]:
+    """The Google provider's connection test: a userinfo call with the stored token, refreshed
+    first when it has expired (or is about to)."""
+    client = oauth_client_get(credential.provider)
+    secret = credential_secret_fresh(credential=credential, secret=credential.reveal_secret())
+    try:
+        response = http.request(
+            "GET", client.userinfo_url, headers={"Authorization": f"Bearer {secret['access_token']}"}
+        )
+    except urllib3.exceptions.HTTPError:
+        return False, "Google could not be reached; try again later."
+    if response.status == 200:
+        try:
+            data = json.loads(response.data)
+        except ValueError:
+            data = {}
+        email = str(data.get("email") or "") if isinstance(data, dict) else ""
+        return True, f"Google accepted the token{f' for {email}' if email else ''}."
+    if response.status in (401, 403):
+        return False, f"Google refused the token (HTTP {response.status}); the account needs to be reconnected."
+    return False, f"Google answered HTTP {response.status}; try again later."

@@ -21,6 +21,9 @@ class Provider:
     connect_path: str = "/api/v1/credentials/"
     # Dotted path of ``fn(*, credential) -> secret`` that refreshes an OAuth credential.
     token_refresher: str = ""
+    # Dotted path of ``fn(*, credential) -> (works, message)``: the cheapest call that proves
+    # the credential (the admin's "test connection"); empty when the provider has none.
+    connection_tester: str = ""
 
 
 BUILTIN_PROVIDERS: dict[str, Provider] = {
@@ -31,6 +34,7 @@ BUILTIN_PROVIDERS: dict[str, Provider] = {
         reconnect_path="/credentials/oauth/google/connect/?credential={credential_id}",
         connect_path="/credentials/oauth/google/connect/",
         token_refresher="instances.oauth.google_refresh",
+        connection_tester="instances.oauth.google_test_connection",
     ),
     "http": Provider(key="http", display_name="HTTP service", kinds=("api_key", "bearer", "basic")),
 }

@@ -19,7 +19,7 @@ from tools.sdk import MODES
 
 from .models import Credential, CreditAccount, ToolInstance
 from .providers import provider_get, reconnect_path
-from .selectors import slot_credentials
+from .selectors import slot_credentials, slot_credentials_many
 from .services import credit_account_for, credits_words
 
 
@@ -101,11 +101,17 @@ def _failed(name: str, code: ErrorCode, rank: int, params: dict[str, Any]) -> Ch
     )
 
 
-def readiness_check(*, instance: ToolInstance, mode: str | None = None) -> Readiness:
+def readiness_check(
+    *,
+    instance: ToolInstance,
+    mode: str | None = None,
+    credentials: dict[str, Credential | None] | None = None,
+) -> Readiness:
     """All readiness checks for ``instance``; ``mode`` ("sync"/"async") adds the mode check.
 
     Expects ``instance.tool`` loaded (and ``instance.owner.credit_account`` where the caller
-    can select it): it makes no query when both are.
+    can select it): it makes no query when both are. ``credentials`` are the slots' resolved
+    credentials when the caller already has them (:func:`readiness_many`); else one query.
     """
     tool = instance.tool
     params: dict[str, Any] = {"tool": tool.name, "instance_id": str(instance.pk)}
@@ -131,7 +137,8 @@ def readiness_check(*, instance: ToolInstance, mode: str | None = None) -> Readi
     else:  # DRAFT: it becomes active once its required credentials are mapped.
         checks.append(_failed("instance_status", ErrorCode.INSTANCE_DRAFT, 45, params))
 
-    credentials = slot_credentials(instance=instance) if tool.credential_slots else {}
+    if credentials is None:
+        credentials = slot_credentials(instance=instance) if tool.credential_slots else {}
     now = timezone.now()
     for slot in tool.credential_slots:
         # An optional slot is checked once it is mapped: a mapped credential must be usable.
@@ -193,3 +200,14 @@ def _credential_check(
     else:
         message = f"Your {provider.display_name} account is connected for {slot['name']}."
     return Check(name, True, message, 40)
+
+
+def readiness_many(instances: list[ToolInstance]) -> dict[str, Readiness]:
+    """Readiness of many instances (a changelist page) keyed by instance id: the credentials
+    of all of them in one query, then no query per instance (given ``tool`` and
+    ``owner__credit_account`` selected)."""
+    resolved = slot_credentials_many(instances)
+    return {
+        str(instance.pk): readiness_check(instance=instance, credentials=resolved.get(str(instance.pk), {}))
+        for instance in instances
+    }

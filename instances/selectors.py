@@ -25,27 +25,46 @@ def slot_credentials(*, instance: ToolInstance) -> dict[str, Credential | None]:
     of that provider whose kind the slot accepts, or, when none is active, to the newest one
     of any status, so readiness can say what is wrong with it.
     """
-    slots = {slot["name"]: slot for slot in instance.tool.credential_slots}
-    mapped = {name: value for name, value in instance.credential_mappings.items() if name in slots and value}
-    if not mapped:
-        return {}
-    pinned, provider_keys = set(), set()
-    for value in mapped.values():
-        (pinned if _is_uuid(value) else provider_keys).add(value)
-    candidates = list(
-        Credential.objects.filter(owner_id=instance.owner_id)
-        .filter(Q(pk__in=pinned) | Q(provider__in=provider_keys))
-        .order_by("-updated_at")
-    )
-    resolved: dict[str, Credential | None] = {}
-    for name, value in mapped.items():
-        if _is_uuid(value):
-            resolved[name] = next((c for c in candidates if str(c.pk) == value), None)
+    return slot_credentials_many([instance]).get(str(instance.pk), {})
+
+
+def _mapped(instance: ToolInstance) -> dict[str, str]:
+    slots = {slot["name"] for slot in instance.tool.credential_slots}
+    return {name: value for name, value in instance.credential_mappings.items() if name in slots and value}
+
+
+def slot_credentials_many(instances: list[ToolInstance]) -> dict[str, dict[str, Credential | None]]:
+    """:func:`slot_credentials` of each instance (keyed by its id), for all of them in one query."""
+    wanted = Q()
+    mapped_of: dict[str, dict[str, str]] = {}
+    for instance in instances:
+        mapped = _mapped(instance)
+        if not mapped:
             continue
-        of_provider = [c for c in candidates if c.provider == value and c.kind in slots[name]["kinds"]]
-        active = [c for c in of_provider if c.status == Credential.Status.ACTIVE]
-        resolved[name] = (active or of_provider or [None])[0]
-    return resolved
+        mapped_of[str(instance.pk)] = mapped
+        pinned = {v for v in mapped.values() if _is_uuid(v)}
+        provider_keys = set(mapped.values()) - pinned
+        wanted |= Q(owner_id=instance.owner_id) & (Q(pk__in=pinned) | Q(provider__in=provider_keys))
+    if not mapped_of:
+        return {}
+    candidates = list(Credential.objects.filter(wanted).order_by("-updated_at"))
+    result: dict[str, dict[str, Credential | None]] = {}
+    for instance in instances:
+        mapped = mapped_of.get(str(instance.pk))
+        if mapped is None:
+            continue
+        slots = {slot["name"]: slot for slot in instance.tool.credential_slots}
+        owned = [c for c in candidates if c.owner_id == instance.owner_id]
+        resolved: dict[str, Credential | None] = {}
+        for name, value in mapped.items():
+            if _is_uuid(value):
+                resolved[name] = next((c for c in owned if str(c.pk) == value), None)
+                continue
+            of_provider = [c for c in owned if c.provider == value and c.kind in slots[name]["kinds"]]
+            active = [c for c in of_provider if c.status == Credential.Status.ACTIVE]
+            resolved[name] = (active or of_provider or [None])[0]
+        result[str(instance.pk)] = resolved
+    return result
 
 
 def _is_uuid(value: str) -> bool:

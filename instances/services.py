@@ -26,7 +26,7 @@ from tools.models import ToolDefinition
 from tools.schemas import defaults_errors, nul_errors
 
 from .crypto import SecretUnreadable, reseal
-from .models import Credential, CreditAccount, ToolInstance, UploadedFile
+from .models import Credential, CredentialAuditEntry, CreditAccount, ToolInstance, UploadedFile
 from .providers import provider_get, providers, reconnect_path
 
 
@@ -213,6 +213,12 @@ def _check_credential(*, provider: str, kind: str, secret: Any | None, metadata:
         raise InputInvalid("The credential is not valid: " + "; ".join(errors), field_errors=errors)
 
 
+def credential_check(*, provider: str, kind: str, secret: Any | None, metadata: Any) -> None:
+    """Raise INPUT_INVALID (with field errors) unless these make a valid credential; what
+    credential_create checks, for forms that want to say so before saving."""
+    _check_credential(provider=provider, kind=kind, secret=secret, metadata=metadata)
+
+
 def credential_create(
     *,
     owner: AbstractBaseUser,
@@ -222,6 +228,7 @@ def credential_create(
     label: str = "",
     expires_at: datetime | None = None,
     metadata: dict[str, Any] | None = None,
+    actor: AbstractBaseUser | None = None,
 ) -> Credential:
     metadata = metadata or {}
     _check_credential(provider=provider, kind=kind, secret=secret, metadata=metadata)
@@ -229,11 +236,34 @@ def credential_create(
         owner=owner, provider=provider, kind=kind, label=label, expires_at=expires_at, metadata=metadata
     )
     credential.set_secret(secret)
-    credential.save()
+    with transaction.atomic():
+        credential.save()
+        given = ["provider", "kind", "label", "secret", "expires_at", "metadata"]
+        credential_audit(credential=credential, action=CredentialAuditEntry.Action.CREATED, fields=given, actor=actor)
     return credential
 
 
-def credential_update(*, credential: Credential, **changes: Any) -> Credential:
+def credential_audit(
+    *,
+    credential: Credential,
+    action: str,
+    fields: list[str] | tuple[str, ...] = (),
+    actor: AbstractBaseUser | None = None,
+    note: str = "",
+) -> CredentialAuditEntry:
+    """Record a change to ``credential``: the field names, never their values."""
+    return CredentialAuditEntry.objects.create(
+        credential=credential,
+        credential_ref=credential.pk,
+        owner_id=credential.owner_id,
+        actor=actor if actor is not None and actor.is_authenticated else None,
+        action=action,
+        fields=sorted(set(fields)),
+        note=scrub(note)[:300],
+    )
+
+
+def credential_update(*, credential: Credential, actor: AbstractBaseUser | None = None, **changes: Any) -> Credential:
     """Change label, secret, expires_at or metadata. A new secret makes the credential ACTIVE."""
     allowed = {"label", "secret", "expires_at", "metadata"}
     unknown = set(changes) - allowed
@@ -246,6 +276,7 @@ def credential_update(*, credential: Credential, **changes: Any) -> Credential:
         metadata=changes.get("metadata", credential.metadata),
     )
     fields = ["updated_at"]
+    changed = sorted(changes)
     if "secret" in changes:
         credential.set_secret(changes.pop("secret"))
         credential.status, credential.last_error = Credential.Status.ACTIVE, ""
@@ -253,7 +284,9 @@ def credential_update(*, credential: Credential, **changes: Any) -> Credential:
     for name, value in changes.items():
         setattr(credential, name, value)
         fields.append(name)
-    credential.save(update_fields=fields)
+    with transaction.atomic():
+        credential.save(update_fields=fields)
+        credential_audit(credential=credential, action=CredentialAuditEntry.Action.UPDATED, fields=changed, actor=actor)
     return credential
 
 
@@ -276,7 +309,7 @@ def credential_users(*, credential: Credential) -> list[ToolInstance]:
     return users
 
 
-def credential_delete(*, credential: Credential) -> None:
+def credential_delete(*, credential: Credential, actor: AbstractBaseUser | None = None) -> None:
     """Delete a credential no instance depends on; otherwise refuse, naming the instances."""
     with transaction.atomic():
         Credential.objects.select_for_update().filter(pk=credential.pk).first()
@@ -288,16 +321,89 @@ def credential_delete(*, credential: Credential) -> None:
                 "Map those instances to another credential first.",
                 instances=[str(i.pk) for i in users],
             )
+        credential_audit(credential=credential, action=CredentialAuditEntry.Action.DELETED, actor=actor)
         credential.delete()
 
 
-def credential_mark_failed(*, credential_id: str, status: str, reason: str) -> bool:
+def credential_mark_failed(
+    *, credential_id: str, status: str, reason: str, actor: AbstractBaseUser | None = None
+) -> bool:
     """A tool found the credential expired, revoked or invalid: record it, once."""
-    return bool(
-        Credential.objects.filter(pk=credential_id)
-        .exclude(status=status)
-        .update(status=status, last_error=reason[:1000], updated_at=timezone.now())
+    with transaction.atomic():
+        moved = bool(
+            Credential.objects.filter(pk=credential_id)
+            .exclude(status=status)
+            .update(status=status, last_error=reason[:1000], updated_at=timezone.now())
+        )
+        if moved:
+            credential = Credential.objects.only("pk", "owner_id").get(pk=credential_id)
+            credential_audit(
+                credential=credential,
+                action=CredentialAuditEntry.Action.STATUS_CHANGED,
+                fields=["status", "last_error"],
+                actor=actor,
+                note=f"now {status}",
+            )
+    return moved
+
+
+def credential_revoke(*, credential: Credential, actor: AbstractBaseUser | None = None) -> bool:
+    """Mark ``credential`` REVOKED (runs using it are refused); False if it already was."""
+    now = timezone.now()
+    with transaction.atomic():
+        moved = bool(
+            Credential.objects.filter(pk=credential.pk)
+            .exclude(status=Credential.Status.REVOKED)
+            .update(status=Credential.Status.REVOKED, last_error="Revoked by an operator.", updated_at=now)
+        )
+        if moved:
+            credential_audit(
+                credential=credential, action=CredentialAuditEntry.Action.REVOKED, fields=["status"], actor=actor
+            )
+    if moved:
+        credential.status, credential.updated_at = Credential.Status.REVOKED, now
+    return moved
+
+
+def credential_reencrypt(*, credential: Credential, actor: AbstractBaseUser | None = None) -> None:
+    """Re-encrypt one secret with the newest (first) key. Raises SecretUnreadable when the
+    stored secret does not open with any configured key (it must then be entered again)."""
+    with transaction.atomic():
+        locked = Credential.objects.select_for_update().get(pk=credential.pk)
+        locked.reveal_secret()  # proves it opens, and belongs to this row
+        locked.secret = reseal(locked.secret)
+        Credential.objects.filter(pk=locked.pk).update(secret=locked.secret)
+        credential_audit(
+            credential=locked, action=CredentialAuditEntry.Action.REENCRYPTED, fields=["secret"], actor=actor
+        )
+    credential.secret = locked.secret
+
+
+def credential_test_connection(*, credential: Credential, actor: AbstractBaseUser | None = None) -> tuple[bool, str]:
+    """Ask the provider whether the credential works, with the cheapest call it offers
+    (the provider's ``connection_tester``); returns (works, what happened in words)."""
+    provider = provider_get(credential.provider)
+    if not provider.connection_tester:
+        ok, message = (
+            False,
+            f"{provider.display_name} credentials can't be tested from here: there is no cheap call "
+            "that proves them. Run a tool that uses this credential instead.",
+        )
+    else:
+        try:
+            ok, message = import_string(provider.connection_tester)(credential=credential)
+        except SecretUnreadable:
+            ok, message = False, "The stored secret can no longer be read; enter it again."
+        except ToolexecError as exc:
+            ok, message = False, scrub(exc.detail or exc.code.value)
+    message = scrub(message)
+    credential_audit(
+        credential=credential,
+        action=CredentialAuditEntry.Action.TESTED,
+        actor=actor,
+        note=("works: " if ok else "failed: ") + message,
     )
+    return ok, message
 
 
 def credentials_mark_used(*, credential_ids: list[str]) -> None:
@@ -325,6 +431,17 @@ def credential_rotate_keys(*, batch_size: int = 500) -> tuple[int, list[str]]:
                     continue
                 changed.append(credential)
             Credential.objects.bulk_update(changed, ["secret"])
+            CredentialAuditEntry.objects.bulk_create(
+                CredentialAuditEntry(
+                    credential=c,
+                    credential_ref=c.pk,
+                    owner_id=c.owner_id,
+                    action=CredentialAuditEntry.Action.REENCRYPTED,
+                    fields=["secret"],
+                    note="key rotation",
+                )
+                for c in changed
+            )
             rotated += len(changed)
     return rotated, unreadable
 
@@ -475,7 +592,7 @@ def credential_failure_record(*, error: ToolexecError, resolved: dict[str, Resol
     return credential_error_params(provider=match.provider, credential_id=match.credential_id)
 
 
-def credential_refresh(*, credential_id: str) -> dict[str, Any]:
+def credential_refresh(*, credential_id: str, actor: AbstractBaseUser | None = None) -> dict[str, Any]:
     """Refresh an OAuth credential through its provider's refresher; returns the new secret.
 
     Raises CredentialExpired (and the refresher marks the credential EXPIRED) when the provider
@@ -490,6 +607,12 @@ def credential_refresh(*, credential_id: str) -> dict[str, Any]:
         )
     secret = import_string(provider.token_refresher)(credential=credential)
     secrets_add(secret)
+    credential_audit(
+        credential=credential,
+        action=CredentialAuditEntry.Action.REFRESHED,
+        fields=["secret", "expires_at"],
+        actor=actor,
+    )
     return secret
 
 

@@ -1,0 +1,159 @@
+"""Every admin changelist loads in a constant number of queries, whatever its length: the
+same budget holds for 3 rows and for 50 (DESIGN.md: no N+1 in admin changelists)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from itertools import count
+
+import pytest
+from django.contrib.auth.models import Group
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from executions.models import CreditLedgerEntry, Execution, Job
+from instances.models import UploadedFile
+from instances.services import credential_create, credit_account_for, instance_configure_credentials, instance_create
+from tests.factories import UserFactory
+from toolexec.models import ApiToken
+from tools.models import ToolDefinition
+
+pytestmark = [pytest.mark.postgres]
+
+serial = count()
+
+# The most queries each changelist may take (session, user, the page, its count, the filters'
+# choices, the date hierarchy): the same for 3 rows and for 50.
+BUDGETS = {
+    "tools_tooldefinition": 8,
+    "instances_credential": 8,
+    "instances_credentialauditentry": 8,
+    "instances_toolinstance": 9,
+    "instances_uploadedfile": 8,
+    "instances_creditaccount": 8,
+    "toolexec_apitoken": 8,
+    "auth_user": 8,
+    "auth_group": 8,
+    "executions_execution": 10,
+    "executions_job": 9,
+    "executions_creditledgerentry": 8,
+}
+
+
+def make_tool_definitions(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        i = next(serial)
+        ToolDefinition.objects.create(slug=f"gone-{i}", name=f"Gone {i}", implementation=f"nowhere.Gone{i}")
+
+
+def make_credentials(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        credential_create(owner=UserFactory(), provider="http", kind="bearer", secret={"token": "t"}, label="x")
+
+
+def make_instances(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        owner = UserFactory()
+        if next(serial) % 2:
+            instance_create(owner=owner, tool=catalog("test-noop"), name="noop")
+        else:
+            credential_create(owner=owner, provider="google", kind="oauth2", secret={"access_token": "a"})
+            pinned = credential_create(owner=owner, provider="google", kind="oauth2", secret={"access_token": "b"})
+            instance = instance_create(owner=owner, tool=catalog("test-google-sheet"), name="sheet")
+            instance_configure_credentials(
+                instance=instance, mappings={"OAUTH_TOKEN": "google" if next(serial) % 2 else str(pinned.pk)}
+            )
+
+
+def make_uploads(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        UploadedFile.objects.create(owner=UserFactory(), name="a.csv", size_bytes=1, sha256="0" * 64, file="x")
+
+
+def make_accounts(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        credit_account_for(owner=UserFactory())
+
+
+def make_tokens(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        ApiToken.issue(user=UserFactory())
+
+
+def make_users(n: int, catalog: Callable) -> None:
+    UserFactory.create_batch(n)
+
+
+def make_groups(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        Group.objects.create(name=f"group {next(serial)}")
+
+
+def _execution(catalog: Callable, mode: str = "SYNC") -> Execution:
+    owner = UserFactory()
+    instance = instance_create(owner=owner, tool=catalog("test-noop"), name="noop")
+    return Execution.objects.create(instance=instance, tool=instance.tool, owner=owner, mode=mode, status="FAILED")
+
+
+def make_executions(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        _execution(catalog)
+
+
+def make_jobs(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        execution = _execution(catalog, mode="ASYNC")
+        Job.objects.create(
+            execution=execution,
+            instance=execution.instance,
+            owner=execution.owner,
+            rq_job_id=f"no-such-rq-job-{next(serial)}",
+            status="FAILED",
+            progress=40,
+        )
+
+
+def make_ledger(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        execution = _execution(catalog)
+        account = credit_account_for(owner=execution.owner)
+        CreditLedgerEntry.objects.create(
+            account=account, kind="EXECUTION", amount=Decimal("-1"), execution=execution, created_by=execution.owner
+        )
+
+
+CASES = {
+    "tools_tooldefinition": make_tool_definitions,
+    "instances_credential": make_credentials,
+    "instances_credentialauditentry": make_credentials,
+    "instances_toolinstance": make_instances,
+    "instances_uploadedfile": make_uploads,
+    "instances_creditaccount": make_accounts,
+    "toolexec_apitoken": make_tokens,
+    "auth_user": make_users,
+    "auth_group": make_groups,
+    "executions_execution": make_executions,
+    "executions_job": make_jobs,
+    "executions_creditledgerentry": make_ledger,
+}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("changelist", sorted(CASES))
+def test_changelist_queries_do_not_grow_with_its_rows(changelist, admin_client, catalog, django_assert_max_num_queries):
+    url = reverse(f"admin:{changelist}_changelist")
+    make = CASES[changelist]
+    make(3, catalog)
+    counts = []
+    for more in (0, 47):
+        make(more, catalog)
+        with django_assert_max_num_queries(BUDGETS[changelist]):
+            with CaptureQueriesContext(connection) as queries:
+                response = admin_client.get(url)
+        assert response.status_code == 200
+        assert len(response.context["cl"].result_list) >= 3 + more
+        counts.append(len(queries))
+    print(f"{changelist}: {counts[0]} queries with 3 rows, {counts[1]} with 50")
+    assert counts[0] == counts[1]
