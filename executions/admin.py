@@ -58,10 +58,16 @@ def admin_link(obj: Any, text: Any = None) -> SafeString:
     return format_html('<a href="{}">{}</a>', url, text if text is not None else obj)
 
 
+@admin.display(description="id", ordering="created_at")
+def short_id(obj: Any) -> str:
+    return str(obj.pk)[:8]
+
+
 @admin.register(Execution)
 class ExecutionAdmin(ReadOnlyAdmin):
+    list_display_links = [short_id]
     list_display = [
-        "id",
+        short_id,
         "tool",
         "owner",
         "mode",
@@ -139,8 +145,9 @@ class ExecutionAdmin(ReadOnlyAdmin):
 
 @admin.register(Job)
 class JobAdmin(ReadOnlyAdmin):
+    list_display_links = [short_id]
     list_display = [
-        "id",
+        short_id,
         "execution_link",
         "owner",
         "status",

@@ -35,6 +35,7 @@ from .services import (
     credential_update,
     credential_users,
     file_delete,
+    instance_config_check,
     instance_transition,
     instance_update,
 )
@@ -330,8 +331,26 @@ def action_items_html(items: list[dict[str, str]]) -> SafeString:
     )
 
 
+class ToolInstanceForm(forms.ModelForm):
+    class Meta:
+        model = ToolInstance
+        fields = ["name", "workflow_id", "config"]
+
+    def clean_config(self) -> Any:
+        config = self.cleaned_data["config"]
+        try:
+            instance_config_check(tool=self.instance.tool, config=config)
+        except InputInvalid as exc:
+            problems = exc.metadata.get("field_errors", {})
+            raise forms.ValidationError(
+                [f"{path}: {message}" for path, messages in problems.items() for message in messages] or [exc.detail]
+            ) from None
+        return config
+
+
 @admin.register(ToolInstance)
 class ToolInstanceAdmin(admin.ModelAdmin):
+    form = ToolInstanceForm
     list_display = [
         "name",
         "tool",

@@ -82,6 +82,11 @@ def _check_config(tool: ToolDefinition, config: Any) -> dict[str, Any]:
     return config
 
 
+def instance_config_check(*, tool: ToolDefinition, config: Any) -> dict[str, Any]:
+    """Raise INPUT_INVALID (with field errors) unless ``config`` holds valid default inputs of ``tool``."""
+    return _check_config(tool, config)
+
+
 @transaction.atomic
 def instance_create(
     *,

@@ -557,3 +557,45 @@ def test_console_login_page_works(db):
     client = Client()
     response = client.post(reverse("admin:login"), {"username": user.username, "password": PASSWORD}, follow=True)
     assert response.status_code == 200 and response.context["user"] == user
+
+
+def test_refresh_now_renews_an_oauth_token_and_test_connection_refreshes_an_expired_one_first(
+    admin_client, admin_user, api, httpserver, settings
+):
+    from tests.test_google_drive import connect_google, fake_google
+
+    google = fake_google(httpserver, settings)
+
+    class EveryIssuedToken(dict):  # the stand-in's userinfo knows every token it issued
+        def get(self, token: str, default: Any = None) -> Any:
+            return "ada@example.com" if token in google.access_tokens else default
+
+    google.userinfo = EveryIssuedToken()
+    credential = connect_google(api, google, expires_in=timedelta(hours=1))
+    seen = credential.fingerprint
+    response = run_action(admin_client, "instances.credential", "refresh_now", [credential.pk])
+    assert messages_of(response) == [f"{credential}: refreshed."]
+    credential.refresh_from_db()
+    assert credential.fingerprint != seen
+    assert credential.audit_entries.filter(action="refreshed", actor=admin_user).exists()
+
+    expired = connect_google(api, google, expires_in=timedelta(seconds=-60))
+    before = expired.fingerprint
+    response = run_action(admin_client, "instances.credential", "test_connection", [expired.pk])
+    assert messages_of(response) == [f"{expired}: Google accepted the token for ada@example.com."]
+    expired.refresh_from_db()
+    assert expired.fingerprint != before and expired.expires_at > timezone.now()
+
+
+def test_instance_config_is_checked_against_the_tool_before_saving(admin_client, user, make_instance):
+    instance = make_instance("test-priced", owner=user, name="Priced")
+    url = change("instances.toolinstance", instance.pk)
+    form = {"name": "Priced", "workflow_id": "wf", "config": json.dumps({"units": "many"})}
+    response = admin_client.post(url, form)
+    assert response.status_code == 200 and "config.units" in response.content.decode()
+    instance.refresh_from_db()
+    assert instance.config == {} and instance.workflow_id == "workflow-1"
+    response = admin_client.post(url, {**form, "config": json.dumps({"units": 2})}, follow=True)
+    assert response.status_code == 200
+    instance.refresh_from_db()
+    assert (instance.config, instance.workflow_id) == ({"units": 2}, "wf")

@@ -27,18 +27,18 @@ serial = count()
 # The most queries each changelist may take (session, user, the page, its count, the filters'
 # choices, the date hierarchy): the same for 3 rows and for 50.
 BUDGETS = {
-    "tools_tooldefinition": 8,
-    "instances_credential": 8,
-    "instances_credentialauditentry": 8,
-    "instances_toolinstance": 9,
-    "instances_uploadedfile": 8,
-    "instances_creditaccount": 8,
-    "toolexec_apitoken": 8,
-    "auth_user": 8,
-    "auth_group": 8,
-    "executions_execution": 10,
-    "executions_job": 9,
-    "executions_creditledgerentry": 8,
+    "tools_tooldefinition": 6,
+    "instances_credential": 5,
+    "instances_credentialauditentry": 6,
+    "instances_toolinstance": 6,
+    "instances_uploadedfile": 7,
+    "instances_creditaccount": 4,
+    "toolexec_apitoken": 5,
+    "auth_user": 6,
+    "auth_group": 5,
+    "executions_execution": 8,
+    "executions_job": 7,
+    "executions_creditledgerentry": 6,
 }
 
 
