@@ -130,7 +130,7 @@ class ExecutionAdmin(ReadOnlyAdmin):
         if not items:
             return mark_safe("—")
         return format_html(
-            "<ul>{}</ul>",
+            '<ul style="margin:0;padding-left:1.2em">{}</ul>',
             format_html_join(
                 "",
                 '<li>{} ({}) <a href="{}">{}</a></li>',
@@ -335,6 +335,9 @@ class CreditAccountAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # an account opens with its owner's first instance
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # the ledger is the account's history; balances move only by adjustments
 
     @admin.action(description="Adjust balance…", permissions=["change"])
     def adjust_balance(self, request: HttpRequest, queryset: QuerySet[CreditAccount]) -> HttpResponse | None:

@@ -179,3 +179,53 @@ def test_operator_cancels_a_running_job_and_sees_it_cancelled(console, operator,
     row = console.find(f"input.action-select[value='{job.pk}']").find_element(By.XPATH, "./ancestor::tr")
     assert "Cancelled" in row.text
     console.shot("jobs-after")
+
+
+def test_operator_syncs_the_catalog_reads_a_run_and_adjusts_credits(console, operator, user, make_instance):
+    from executions.models import CreditLedgerEntry, Execution
+    from instances.services import credit_account_for
+
+    instance = make_instance("test-noop", owner=user, name="Echo")
+    execution = Execution.objects.create(
+        instance=instance,
+        tool=instance.tool,
+        owner=user,
+        mode="SYNC",
+        status="FAILED",
+        input_data={"echo": "<b>hello</b>", "api_key": "[redacted]"},
+        error_code="UPSTREAM_ERROR",
+        error_message="Example API answered with an error.",
+        error_metadata={
+            "action_items": [
+                {"action": "retry", "message": "Try again in a minute", "url": "https://x.example/", "priority": "low"}
+            ],
+            "can_retry": True,
+        },
+    )
+    account = credit_account_for(owner=user)
+    console.login(operator.username)
+
+    console.get("/admin/tools/tooldefinition/")
+    console.find("#sync-catalog").click()
+    console.wait_text("Catalog synced:")
+    console.shot("catalog-synced")
+
+    console.get(f"/admin/executions/execution/{execution.pk}/change/")
+    assert '"echo": "<b>hello</b>"' in console.text()  # shown as text, not markup
+    assert console.find("a[href='https://x.example/']").text == "https://x.example/"
+    console.shot("execution-page")
+
+    console.get("/admin/instances/creditaccount/")
+    console.run_action("adjust_balance", str(account.pk))
+    console.wait_text("A positive amount adds credits")
+    console.find("#id_amount").send_keys("12.5")
+    console.find("#id_reason").send_keys("goodwill after the outage")
+    console.shot("adjust-form")
+    console.find("input[name=apply]").click()
+    console.wait_text("balance adjusted by 12.5")
+    console.shot("adjusted")
+    entry = CreditLedgerEntry.objects.get(account=account)
+    assert (entry.kind, entry.reason, entry.created_by) == ("ADJUSTMENT", "goodwill after the outage", operator)
+    console.get(f"/admin/instances/creditaccount/{account.pk}/change/")
+    assert "goodwill after the outage" in console.text()
+    console.shot("account-page")
