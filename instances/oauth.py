@@ -111,7 +111,7 @@ def oauth_clients() -> dict[str, OAuthClient]:
                 "authorize_params": options.get("authorize_params", {}),
             },
         )
-        for key, options in getattr(settings, "TOOLEXEC_OAUTH_CLIENTS", {}).items()
+        for key, options in settings.TOOLEXEC_OAUTH_CLIENTS.items()
     }
     return {"google": google, **extra}
 

@@ -43,7 +43,7 @@ BUILTIN_PROVIDERS: dict[str, Provider] = {
 def providers() -> dict[str, Provider]:
     extra = {
         key: Provider(key=key, **{**options, "kinds": tuple(options.get("kinds", ()))})
-        for key, options in getattr(settings, "TOOLEXEC_PROVIDERS", {}).items()
+        for key, options in settings.TOOLEXEC_PROVIDERS.items()
     }
     return {**BUILTIN_PROVIDERS, **extra}
 

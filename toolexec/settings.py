@@ -285,6 +285,12 @@ GOOGLE_OAUTH_USERINFO_URL = env_str("GOOGLE_OAUTH_USERINFO_URL", "https://openid
 GOOGLE_OAUTH_CLIENT_ID = env_str("GOOGLE_OAUTH_CLIENT_ID")
 GOOGLE_OAUTH_CLIENT_SECRET = env_str("GOOGLE_OAUTH_CLIENT_SECRET")
 
+# More credential providers, and OAuth clients for them, are code-level settings (a deployment's
+# settings module extends these): key → instances.providers.Provider options, and key →
+# {"authorize_url", "token_url", "client_id", "client_secret", "scopes"} (see instances/oauth.py).
+TOOLEXEC_PROVIDERS: dict[str, dict] = {}
+TOOLEXEC_OAUTH_CLIENTS: dict[str, dict] = {}
+
 
 def _encryption_keys() -> list[str]:
     keys = env_list("TOOLEXEC_ENCRYPTION_KEYS")
