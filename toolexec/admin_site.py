@@ -95,19 +95,22 @@ def superuser_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpR
             raise PermissionDenied("The queue dashboard is for superusers.")
         return view(request, *args, **kwargs)
 
-    guarded.superuser_only = True  # type: ignore[attr-defined]
     return guarded
 
 
 def rq_dashboard_guard(site: admin.AdminSite) -> None:
-    """Put django-rq's views (mounted at /admin/django-rq/ in the URLconf) behind
-    :func:`superuser_required`, and drop its second copy inside the admin (a "Dashboard"
-    model whose pages only ask for staff): the index links the guarded one instead."""
+    """Drop django-rq's second copy of its dashboard inside the admin (a "Dashboard" model
+    whose pages only ask for staff); the URLconf mounts the superuser-only one
+    (:func:`rq_dashboard_urls`) and the index links it."""
     import django_rq.models
-    import django_rq.urls
 
-    for pattern in django_rq.urls.urlpatterns:
-        if not getattr(pattern.callback, "superuser_only", False):
-            pattern.callback = superuser_required(pattern.callback)
     if site.is_registered(django_rq.models.Dashboard):
         site.unregister(django_rq.models.Dashboard)
+
+
+def rq_dashboard_urls() -> tuple[list, str]:
+    """django-rq's URLs for /admin/django-rq/: its dashboard views wrapped in
+    :func:`superuser_required` (django-rq's own hook), its stats API as django-rq guards it."""
+    from django_rq.urls import get_admin_urlpatterns, get_api_urlpatterns
+
+    return [*get_api_urlpatterns(), *get_admin_urlpatterns(view_wrapper=superuser_required)], "django_rq"

@@ -9,6 +9,7 @@ from instances.api import CredentialViewSet, InstanceViewSet
 from instances.files_api import FileViewSet
 from tools.api import ToolViewSet
 
+from .admin_site import rq_dashboard_urls
 from .api import TokenView
 
 # "/?" accepts DESIGN.md's paths with and without a trailing slash.
@@ -33,7 +34,7 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("status/", include("executions.page_urls")),
     path("credentials/oauth/", include("instances.oauth_urls")),
-    path("admin/django-rq/", include("django_rq.urls")),
+    path("admin/django-rq/", include(rq_dashboard_urls())),
     path("admin/", admin.site.urls),
 ]
 
