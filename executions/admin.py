@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from rq.job import Job as RQJob
 
 from instances.models import CreditAccount
+from toolexec.admin_site import ReadOnlyMixin
 from toolexec.redaction import redact
 from tools.errors import ToolexecError
 
@@ -30,19 +31,10 @@ from .services import credits_adjust, job_cancel, job_retry_as_new
 LEDGER_INLINE_LIMIT = 50
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(ReadOnlyMixin, admin.ModelAdmin):
     """Executions, jobs and ledger entries are records written by the services only."""
 
     show_full_result_count = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 def pretty_json(value: Any) -> SafeString:
@@ -277,7 +269,7 @@ class CreditLedgerEntryAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
 
 
-class LedgerInline(admin.TabularInline):
+class LedgerInline(ReadOnlyMixin, admin.TabularInline):
     """The account's newest ledger entries (the full ledger is under Credit ledger entries)."""
 
     model = CreditLedgerEntry
@@ -299,15 +291,6 @@ class LedgerInline(admin.TabularInline):
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("instances.view_creditaccount")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class AdjustBalanceForm(forms.Form):

@@ -15,6 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
+from toolexec.admin_site import ReadOnlyMixin
 from tools.errors import InputInvalid, ToolexecError
 
 from .crypto import SecretUnreadable
@@ -114,7 +115,7 @@ class ExpiringSoonFilter(admin.SimpleListFilter):
         return queryset
 
 
-class CredentialAuditInline(admin.TabularInline):
+class CredentialAuditInline(ReadOnlyMixin, admin.TabularInline):
     """The credential's audit log: who changed what (field names only), read-only."""
 
     model = CredentialAuditEntry
@@ -135,15 +136,6 @@ class CredentialAuditInline(admin.TabularInline):
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("instances.view_credential")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Credential)
@@ -271,7 +263,7 @@ class CredentialAdmin(admin.ModelAdmin):
 
 
 @admin.register(CredentialAuditEntry)
-class CredentialAuditEntryAdmin(admin.ModelAdmin):
+class CredentialAuditEntryAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = ["created_at", "action", "credential_ref", "owner", "actor", "changed_fields", "note"]
     list_filter = ["action"]
     search_fields = ["owner__username", "actor__username", "=credential_ref"]
@@ -282,15 +274,6 @@ class CredentialAuditEntryAdmin(admin.ModelAdmin):
     @admin.display(description="fields")
     def changed_fields(self, entry: CredentialAuditEntry) -> str:
         return ", ".join(entry.fields) or "—"
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 # --- Instances -----------------------------------------------------------------------------

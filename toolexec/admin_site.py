@@ -114,3 +114,16 @@ def rq_dashboard_urls() -> tuple[list, str]:
     from django_rq.urls import get_admin_urlpatterns, get_api_urlpatterns
 
     return [*get_api_urlpatterns(), *get_admin_urlpatterns(view_wrapper=superuser_required)], "django_rq"
+
+
+class ReadOnlyMixin:
+    """For ModelAdmins and inlines of records only the services write: no add, change or delete."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
