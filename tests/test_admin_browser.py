@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -57,9 +58,10 @@ class Console:
         return self.find("body").text
 
     def wait_text(self, words: str, timeout: float = 10) -> None:
-        WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
-            lambda d: words in d.find_element(By.CSS_SELECTOR, "body").text, f"{words!r} on the page"
-        )
+        # The page may be replaced while it is read (an action's redirect): read it again then.
+        WebDriverWait(
+            self.driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+        ).until(lambda d: words in d.find_element(By.CSS_SELECTOR, "body").text, f"{words!r} on the page")
 
     def shot(self, name: str) -> Path:
         path = self.folder / f"{len(self.shots):02d}-{name}.png"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -68,7 +68,9 @@ class Browser:
         return self.driver.find_element(By.CSS_SELECTOR, css)
 
     def wait(self, condition: Any, timeout: float = 10, message: str = "") -> Any:
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(condition, message)
+        return WebDriverWait(
+            self.driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+        ).until(condition, message)
 
     def login(self, username: str, password: str = PASSWORD) -> None:
         self.get("/status/")
