@@ -15,30 +15,17 @@ from typing import Any
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from executions.models import Job
 from executions.services import execution_enqueue
 from instances.models import Credential, ToolInstance
+from tests.browser import chromium
 from tests.conftest import wait_for
 from tests.factories import PASSWORD, UserFactory
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
-
-CHROME_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,1000",
-]
 
 
 class Console:
@@ -88,12 +75,7 @@ class Console:
 
 @pytest.fixture
 def console(live_server, tmp_path) -> Iterator[Console]:
-    options = Options()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in [*CHROME_ARGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_page_load_timeout(30)
+    driver = chromium(tmp_path)
     shots = tmp_path / "screenshots"
     shots.mkdir()
     browser = Console(driver, live_server.url, shots)

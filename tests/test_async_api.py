@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import pickle
 import socket
-import threading
 import zlib
 from datetime import timedelta
 from decimal import Decimal
@@ -34,6 +33,7 @@ from instances.models import CreditAccount, ToolInstance
 from instances.selectors import instance_list
 from instances.services import credential_create, instance_configure_credentials
 from tests.conftest import wait_for
+from tests.test_concurrency import run_together
 from toolexec.models import ApiToken
 from tools.models import ToolDefinition
 from tools.services import catalog_sync
@@ -109,34 +109,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def run_together(count: int, work) -> list[Any]:
-    """``work(i)`` in ``count`` threads released together by a barrier (see test_concurrency)."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        try:
-            connection.ensure_connection()
-            barrier.wait(timeout=60)
-            results[index] = work(index)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
-            errors.append(exc)
-            barrier.abort()
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "some requests never finished"
-    if errors:
-        raise errors[0]
-    return results
 
 
 # --- 1. Idempotency-Key -----------------------------------------------------------------

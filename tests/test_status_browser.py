@@ -18,8 +18,6 @@ from typing import Any
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -28,23 +26,12 @@ from executions import events
 from executions.models import Execution, Job, Mode
 from executions.services import execution_enqueue, execution_run_sync, job_state
 from instances.selectors import instance_list
+from tests.browser import chromium
 from tests.factories import PASSWORD
 from tests.test_status_pages import failure, record
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROME_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 DESKTOP = 1280
 PHONE = 390
 
@@ -106,14 +93,7 @@ class Browser:
 
 @pytest.fixture
 def browser(live_server, tmp_path, request) -> Iterator[Browser]:
-    options = Options()
-    options.binary_location = CHROMIUM
-    for argument in CHROME_ARGS:
-        options.add_argument(argument)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.add_argument(f"--window-size={DESKTOP},900")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = chromium(tmp_path, width=DESKTOP, height=900)
     folder = tmp_path / "screenshots"
     folder.mkdir()
     failed_before = request.session.testsfailed
