@@ -1,18 +1,24 @@
 """What every benchmark shares: the bench database and Redis index, the environment of the
 processes a benchmark starts, alternating A/B rounds, statistics and PostgreSQL's counters.
 
-Only the database ``toolexec_bench`` and Redis index 13 are ever created, dropped or flushed.
+Only the database ``toolexec_bench`` and Redis index 13 are ever created, dropped or flushed
+(``BENCH_DB`` and ``BENCH_REDIS_URL`` name others, to develop a benchmark beside a running one).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import secrets
 import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -21,10 +27,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_DB = "toolexec_bench"
+BENCH_DB = os.environ.get("BENCH_DB", "toolexec_bench")
 # The server the bench database lives on (the same one `make test` uses); only BENCH_DB is touched.
 POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 
 
@@ -81,6 +87,96 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- HTTP: gunicorn and wrk --------------------------------------------------------------
+
+WRK_SCRIPT = """
+wrk.method = %(method)s
+wrk.body = %(body)s
+if wrk.body then wrk.headers["Content-Type"] = "application/json" end
+if %(auth)s then wrk.headers["Authorization"] = %(auth)s end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"p50_us": %%d, "p99_us": %%d, "requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d}\\n',
+    latency:percentile(50), latency:percentile(99), summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+class Gunicorn:
+    """gunicorn serving bench.wsgi on a free port of 127.0.0.1 (sync workers), ready when built;
+    ``env`` adds to the bench environment (to start an arm with a setting changed)."""
+
+    def __init__(self, workers: int = 2, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "gunicorn", "bench.wsgi:application",
+                "--workers", str(workers), "--worker-class", "sync",
+                "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning",
+            ],
+            cwd=str(ROOT), env={**subprocess_env(), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (401 without a token)
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("gunicorn did not start:\n" + Path(self.log.name).read_text()) from None
+                time.sleep(0.2)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def wrk(
+    url: str, *, token: str | None, connections: int, seconds: int, body: str | None = None, method: str | None = None
+) -> dict[str, float]:
+    """One wrk run against ``url``: POST of the JSON ``body`` when given, else GET (or ``method``).
+    Raises when any request failed or answered other than 2xx."""
+    auth = json.dumps(f"Token {token}") if token else "nil"
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            WRK_SCRIPT
+            % {
+                "method": json.dumps(method or ("POST" if body is not None else "GET")),
+                "body": json.dumps(body) if body is not None else "nil",
+                "auth": auth,
+            }
+        )
+    threads = min(connections, 2)
+    out = subprocess.run(
+        ["wrk", "--latency", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", script.name, url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    Path(script.name).unlink()
+    line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    if raw["errors"] or raw["non2xx"]:
+        raise RuntimeError(f"wrk saw failures against {url}:\n{out}")
+    return {
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "requests": raw["requests"],
+    }
 
 
 # --- Statistics ---------------------------------------------------------------------------

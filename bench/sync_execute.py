@@ -4,95 +4,16 @@ connections, alternating product and baseline rounds."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 
-from .common import ROOT, Arms, PgStats, ab_rounds, free_port, subprocess_env
+from .common import Arms, Gunicorn, PgStats, ab_rounds, wrk
 
 ROUND_SECONDS = 5
 CONNECTIONS = (1, 8)
 BODY = '{"echo": "bench"}'
 
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = %(body)s
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = %(auth)s
-
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"p50_us": %%d, "p99_us": %%d, "requests": %%d, "duration_us": %%d, "errors": %%d, "non2xx": %%d}\\n',
-    latency:percentile(50), latency:percentile(99), summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status))
-end
-"""
-
 TARGET = {"p50_ratio_max": 1.2, "rps_ratio_min": 0.85, "write_xacts_max": 2}
-
-
-class Gunicorn:
-    def __init__(self, workers: int = 2) -> None:
-        self.port = free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "gunicorn", "bench.wsgi:application",
-                "--workers", str(workers), "--worker-class", "sync",
-                "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning",
-            ],
-            cwd=str(ROOT), env=subprocess_env(), stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answers (401 without a token)
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gunicorn did not start:\n" + Path(self.log.name).read_text()) from None
-                time.sleep(0.2)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def wrk(url: str, *, token: str | None, connections: int, seconds: int) -> dict[str, float]:
-    auth = json.dumps(f"Token {token}") if token else "nil"
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % {"body": json.dumps(BODY), "auth": auth})
-    threads = min(connections, 2)
-    out = subprocess.run(
-        ["wrk", "--latency", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", script.name, url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    Path(script.name).unlink()
-    line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
-    raw = json.loads(line.removeprefix("WRKJSON "))
-    if raw["errors"] or raw["non2xx"]:
-        raise RuntimeError(f"wrk saw failures against {url}:\n{out}")
-    return {
-        "p50_ms": raw["p50_us"] / 1000,
-        "p99_ms": raw["p99_us"] / 1000,
-        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
-        "requests": raw["requests"],
-    }
 
 
 def fixtures() -> dict[str, str]:
@@ -183,7 +104,9 @@ def transactions_per_request(paths: dict[str, str], token: str) -> dict[str, dic
             before = stats.settled(stats.xact)
             server = Gunicorn()
             try:
-                figures = wrk(server.url(path), token=token if arm == "product" else None, connections=1, seconds=5)
+                figures = wrk(
+                    server.url(path), token=token if arm == "product" else None, body=BODY, connections=1, seconds=5
+                )
             finally:
                 server.stop()
             after = stats.settled(stats.xact)
@@ -212,6 +135,7 @@ def run() -> dict[str, Any]:
                 return lambda: wrk(
                     server.url(paths[name]),
                     token=token if name == "product" else None,
+                    body=BODY,
                     connections=connections,
                     seconds=ROUND_SECONDS,
                 )
