@@ -222,6 +222,17 @@ def ab_rounds(arms: dict[str, Callable[[], dict[str, float]]], *, rounds: int = 
     return result
 
 
+# --- The document ----------------------------------------------------------------------------
+
+
+def ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def verdict(ok: bool) -> str:
+    return "**pass**" if ok else "**MISS**"
+
+
 # --- PostgreSQL counters --------------------------------------------------------------------
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .common import Arms, Gunicorn, PgStats, ab_rounds, wrk
+from .common import ROUNDS, Arms, Gunicorn, PgStats, ab_rounds, ms, verdict, wrk
 
+TITLE = "benchmark 1: sync execute overhead"
 ROUND_SECONDS = 5
 CONNECTIONS = (1, 8)
 BODY = '{"echo": "bench"}'
@@ -120,7 +121,7 @@ def transactions_per_request(paths: dict[str, str], token: str) -> dict[str, dic
     return result
 
 
-def run() -> dict[str, Any]:
+def measure() -> dict[str, Any]:
     setup = fixtures()
     token = setup.pop("token")
     paths = setup
@@ -144,3 +145,72 @@ def run() -> dict[str, Any]:
     finally:
         server.stop()
     return {"arms": by_connections, "statements": statements, "xacts": xacts, "round_seconds": ROUND_SECONDS}
+
+
+def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The document's section for this benchmark, and its rows of the targets table."""
+    lines = [
+        "## 1. Sync execute overhead",
+        "",
+        "`POST /api/v1/instances/{id}/execute-sync` of a no-op tool (`bench-noop`) with a token, "
+        "through gunicorn (2 sync workers, 127.0.0.1), against `bench/baseline`: a plain Django view "
+        "(same settings and middleware, no DRF, no authentication) doing an INSERT (autocommit), then "
+        "an UPDATE of that row and a counter UPDATE in one transaction. "
+        f"wrk with a JSON body, {result['round_seconds']} s per round, one warm-up round per arm, then "
+        f"{ROUNDS} rounds alternating the order (A B, B A, …). Latency figures are the median "
+        "and the p99 *over rounds* of each round's own p50 / p99 from wrk; throughput likewise.",
+        "",
+        "| connections | arm | p50 ms (median) | p50 ms (p99 of rounds) | p99 ms (median) | req/s (median) "
+        "| req/s (p99 of rounds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for connections in CONNECTIONS:
+        arms = result["arms"][connections]
+        for arm in ("product", "baseline"):
+            lines.append(
+                f"| {connections} | {arm} | {ms(arms.median(arm, 'p50_ms'))} | {ms(arms.p99(arm, 'p50_ms'))} | "
+                f"{ms(arms.median(arm, 'p99_ms'))} | {arms.median(arm, 'rps'):.0f} | {arms.p99(arm, 'rps'):.0f} |"
+            )
+        p50_ratio = arms.median("product", "p50_ms") / arms.median("baseline", "p50_ms")
+        rps_ratio = arms.median("product", "rps") / arms.median("baseline", "rps")
+        verdicts.append(
+            f"| 1. sync, {connections} conn | p50 product / baseline | {p50_ratio:.2f}× | "
+            f"≤ {TARGET['p50_ratio_max']}× | {verdict(p50_ratio <= TARGET['p50_ratio_max'])} |"
+        )
+        verdicts.append(
+            f"| 1. sync, {connections} conn | throughput product / baseline | {rps_ratio:.0%} | "
+            f"≥ {TARGET['rps_ratio_min']:.0%} | {verdict(rps_ratio >= TARGET['rps_ratio_min'])} |"
+        )
+    st, xa = result["statements"], result["xacts"]
+    write_xacts = st["product"]["write_xacts"]
+    verdicts.append(
+        f"| 1. sync | write transactions per request | {write_xacts:g} | ≤ {TARGET['write_xacts_max']} | "
+        f"{verdict(write_xacts <= TARGET['write_xacts_max'])} |"
+    )
+    lines += [
+        "",
+        "Per request, by arm:",
+        "",
+        "| arm | SQL statements | reads | writes | write transactions | xact_commit (pg_stat_database) "
+        "| xact_rollback |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in ("product", "baseline"):
+        lines.append(
+            f"| {arm} | {st[arm]['statements']:g} | {st[arm]['reads']:g} | {st[arm]['writes']:g} | "
+            f"{st[arm]['write_xacts']:g} | "
+            f"{xa[arm]['xact_commit']:.2f} | {xa[arm]['xact_rollback']:.2f} |"
+        )
+    lines += [
+        "",
+        "*Write transactions* are attributed exactly, in-process (Django's test client, same settings, "
+        "20 requests after a warm-up): a write statement outside an atomic block is a transaction of its "
+        "own, an atomic block that wrote counts once at its commit. *xact_commit* is PostgreSQL's own count "
+        f"over a 1-connection wrk run of each arm ({xa['product']['requests']:.0f} and "
+        f"{xa['baseline']['requests']:.0f} requests) in a gunicorn started and stopped for it (so its backends "
+        "flushed their counters); in autocommit every read outside a transaction is a committed transaction "
+        "too, so it is reads + write transactions (plus connection set-up, amortised by persistent connections).",
+        "",
+    ]
+    return lines, verdicts
