@@ -1,3 +1,5 @@
+import os
+
 from django.apps import AppConfig
 
 
@@ -12,3 +14,8 @@ class BenchConfig(AppConfig):
 
         for tool in BENCH_TOOLS:
             registry.register(tool)
+        if os.environ.get("BENCH_ENQUEUE_OFF") == "1":
+            # Benchmark 2's baseline arm: the accept path without RQ's enqueue (bench code only).
+            from .async_accept import enqueue_switch_off
+
+            enqueue_switch_off()

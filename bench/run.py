@@ -19,6 +19,7 @@ from . import common
 # name on the command line -> module with TITLE, measure() and section(result) -> (lines, target rows)
 BENCHMARKS = {
     "sync": "bench.sync_execute",
+    "async": "bench.async_accept",
     "progress": "bench.progress_cost",
 }
 # BENCH_DOC writes elsewhere (to develop a benchmark without touching the committed document)
