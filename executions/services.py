@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -71,7 +71,10 @@ from .models import CreditLedgerEntry, Execution, Job, Mode
 logger = logging.getLogger(__name__)
 
 
-PROGRESS_WRITE_INTERVAL = 0.25  # seconds between a job's progress writes to the database
+# Seconds between a job's progress writes to the database (Redis carries every change at once);
+# the last report is written with the outcome, so a run writes its Job row at most once a second
+# plus the claim and the outcome.
+PROGRESS_WRITE_INTERVAL = 1.0
 FAIRNESS_RETRY_SECONDS = 2.0  # an owner over their running-jobs share is looked at again after this
 
 
@@ -289,19 +292,26 @@ def execution_finish(
     account: CreditAccount | None,
     job: Job | None = None,
     job_from: tuple[str, ...] = (Job.Status.RUNNING,),
+    job_fields: dict[str, Any] | None = None,
 ) -> bool:
     """Write the outcome, statistics, ledger entry and balance in one transaction, once.
 
-    With a ``job``, its terminal state is written in the same transaction, provided it is still
-    in one of ``job_from``. Returns False (and writes nothing) when the execution or the job had
-    already reached a terminal state: a late report never overwrites one.
+    With a ``job``, its terminal state (and ``job_fields``: the last progress report, the
+    attempt log) is written in the same statement, provided it is still in one of ``job_from``.
+    Returns False (and writes nothing) when the execution or the job had already reached a
+    terminal state: a late report never overwrites one.
     """
     now = timezone.now()
     error = outcome.error or {}
     credits = outcome.credits
     with transaction.atomic():
         if job is not None:
-            job_updates: dict[str, Any] = {"status": outcome.status, "finished_at": now, "updated_at": now}
+            job_updates: dict[str, Any] = {
+                **(job_fields or {}),
+                "status": outcome.status,
+                "finished_at": now,
+                "updated_at": now,
+            }
             if outcome.status == Execution.Status.COMPLETED:
                 # Done with them; a failed, cancelled or timed-out job keeps its (sealed) inputs
                 # so an operator can retry it as a new run (job_retry_as_new).
@@ -471,32 +481,71 @@ def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
 
 
 class JobProgress:
-    """The progress sink of a running job: every change is published at once; the database
-    is written at most every ``interval`` seconds (and by :meth:`flush` at the end)."""
+    """The progress sink of a running job. Every change is published at once; the database
+    gets the latest report from a writer thread, at most once every ``interval`` seconds
+    counted from the claim (which wrote the row), so a tool that reports and then blocks for a
+    while still shows its report within a second. The report not yet written when the tool
+    returns goes out with the outcome (:meth:`take`)."""
 
     def __init__(self, job: Job, interval: float = PROGRESS_WRITE_INTERVAL) -> None:
         self.job_id = str(job.pk)
         self.interval = interval
-        self._last_write = 0.0
+        self._last_write = time.monotonic()
         self._pending: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._reported = threading.Event()
+        self._ended = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def __call__(self, percent: int, step: str, step_index: int | None, steps_total: int | None) -> None:
         state = {"progress": percent, "current_step": step[:300], "step_index": step_index, "steps_total": steps_total}
         events.publish(self.job_id, {"event": "progress", "status": Job.Status.RUNNING, **state})
-        self._pending = state
-        if time.monotonic() - self._last_write >= self.interval:
-            self.flush()
+        with self._lock:
+            self._pending = state
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_latest, name=f"progress-{self.job_id}", daemon=True)
+            self._writer.start()
+        else:
+            self._reported.set()
+
+    def _write_latest(self) -> None:
+        try:
+            while not self._ended.wait(max(0.0, self._last_write + self.interval - time.monotonic())):
+                self._reported.clear()
+                if self._pending is None:
+                    self._reported.wait()  # the next report, or the end
+                    if self._ended.is_set():
+                        break
+                try:
+                    self.flush()
+                except DatabaseError:
+                    logger.warning("could not write the progress of job %s", self.job_id, exc_info=True)
+        finally:
+            connections.close_all()  # this thread's own connection
 
     def flush(self) -> None:
-        if self._pending is None:
+        """Write the latest report now, if there is one not yet written."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
             return
         now = timezone.now()
         # Progress never goes down, and a job that already ended is left alone.
-        Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING, progress__lte=self._pending["progress"]).update(
-            **self._pending, heartbeat_at=now, updated_at=now
+        Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING, progress__lte=pending["progress"]).update(
+            **pending, heartbeat_at=now, updated_at=now
         )
-        self._pending = None
         self._last_write = time.monotonic()
+
+    def take(self) -> dict[str, Any]:
+        """Stop the writer and return the report not yet written (empty if none), for the
+        outcome's own update."""
+        self._ended.set()
+        self._reported.set()
+        if self._writer is not None:
+            self._writer.join()
+        with self._lock:
+            pending, self._pending = self._pending or {}, None
+        return pending
 
 
 def job_run(*, job_id: str, worker_name: str = "") -> None:
@@ -548,14 +597,14 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
             result = exc
         finally:
             _cancel_death_penalty()
-        ctx.progress_sink.flush()  # type: ignore[union-attr]
+        last_report = ctx.progress_sink.take()  # type: ignore[union-attr]
         outcome = _outcome_of(result, ctx, tool, params, resolved)
     duration_ms = int((time.monotonic() - started) * 1000)
     code = (outcome.error or {}).get("error_code")
     if code in tool.retry_on and job.attempts < job.max_attempts:
         job_retry(job=job, error=outcome.error or {}, delay=tool.retry_backoff_seconds * 2 ** (job.attempts - 1))
         return
-    _job_end(job, outcome, duration_ms, account)
+    _job_end(job, outcome, duration_ms, account, last_report)
 
 
 def job_claim(*, job: Job, worker_name: str) -> bool:
@@ -605,24 +654,35 @@ def _job_prepare(job: Job) -> tuple[Tool, dict[str, Any], dict[str, ResolvedCred
     return tool_class(), inputs, credentials_resolve(credentials=readiness.credentials)
 
 
-def _job_end(job: Job, outcome: Outcome, duration_ms: int, account: CreditAccount | None) -> None:
-    if execution_finish(execution=job.execution, outcome=outcome, duration_ms=duration_ms, account=account, job=job):
-        _attempt_logged(job, (outcome.error or {}).get("error_code", ""))
+def _job_end(
+    job: Job,
+    outcome: Outcome,
+    duration_ms: int,
+    account: CreditAccount | None,
+    last_report: dict[str, Any] | None = None,
+) -> None:
+    """The outcome, with the attempt's entry in the log and the last progress report, in one
+    update of the Job row."""
+    log = [
+        *job.attempt_log,
+        {
+            "attempt": job.attempts,
+            "worker": job.worker_name,
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": timezone.now().isoformat(),
+            "error_code": (outcome.error or {}).get("error_code", ""),
+        },
+    ]
+    if execution_finish(
+        execution=job.execution,
+        outcome=outcome,
+        duration_ms=duration_ms,
+        account=account,
+        job=job,
+        job_fields={**(last_report or {}), "attempt_log": log},
+    ):
+        job.attempt_log = log
         events.publish(str(job.pk), job_state(job_id=str(job.pk)))
-
-
-def _attempt_logged(job: Job, error_code: str) -> list[dict[str, Any]]:
-    entry = {
-        "attempt": job.attempts,
-        "worker": job.worker_name,
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "finished_at": timezone.now().isoformat(),
-        "error_code": error_code,
-    }
-    log = [*job.attempt_log, entry]
-    Job.objects.filter(pk=job.pk).update(attempt_log=log)
-    job.attempt_log = log
-    return log
 
 
 def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:

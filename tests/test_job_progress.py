@@ -20,13 +20,12 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from django.conf import settings as django_settings
-from django.db import connection
-from django.test.utils import CaptureQueriesContext
+from django.db import connection, connections
 from rest_framework.test import APIClient
 
 from executions import events
 from executions.models import CreditLedgerEntry, Execution, Job
-from executions.services import JobProgress, Outcome, execution_finish, job_run, job_stop
+from executions.services import PROGRESS_WRITE_INTERVAL, JobProgress, Outcome, execution_finish, job_run, job_stop
 from instances.models import CreditAccount, ToolInstance
 from tests.conftest import wait_for
 from toolexec.models import ApiToken
@@ -37,20 +36,24 @@ from tools.services import catalog_sync
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 PROGRESS_CALLS = 10_000
-MAX_PROGRESS_WRITES = 50
 
 
 # --- Tools for these tests (registered in this process only) -----------------------------
 
 
 class ChattyTool(Tool):
-    """Reports progress ``calls`` times, each a change (the step text names the item)."""
+    """Reports progress ``calls`` times, each a change (the step text names the item), then
+    fails if asked to."""
 
     slug = "test-chatty-progress"
     name = "Test Chatty Progress"
     input_schema = {
         "type": "object",
-        "properties": {"calls": {"type": "integer", "minimum": 1}, "pause": {"type": "number", "minimum": 0}},
+        "properties": {
+            "calls": {"type": "integer", "minimum": 1},
+            "pause": {"type": "number", "minimum": 0},
+            "fail": {"type": "boolean"},
+        },
         "required": ["calls"],
     }
     modes = frozenset({ASYNC})
@@ -62,6 +65,8 @@ class ChattyTool(Tool):
             ctx.progress(index * 100 / calls, f"Item {index} of {calls}")
             if pause:
                 time.sleep(pause)
+        if inputs.get("fail"):
+            raise RuntimeError("gave up after the last item")
         return {"calls": calls}
 
 
@@ -203,18 +208,54 @@ def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
 # --- 4. Progress: coalesced writes, every change published -------------------------------
 
 
-def _run_chatty(client: APIClient, user, make_instance, calls: int, pause: float = 0):
-    """Accept a ChattyTool job, run it here while listening to its channel; returns the job's
-    UPDATE statements, the published events and the seconds the run took."""
+@pytest.fixture
+def job_row_writes(db):
+    """Every UPDATE of a Job row, from any connection (the progress writer has its own), as
+    recorded by an AFTER UPDATE trigger: returns a reader of (status, progress, current_step)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            CREATE TABLE test_job_row_writes (n bigserial PRIMARY KEY, job_id uuid, status text,
+                                              progress int, current_step text);
+            CREATE FUNCTION test_job_row_written() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO test_job_row_writes (job_id, status, progress, current_step)
+                VALUES (NEW.id, NEW.status, NEW.progress, NEW.current_step);
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_job_row_written AFTER UPDATE ON executions_job
+                FOR EACH ROW EXECUTE FUNCTION test_job_row_written();
+            """
+        )
+
+    def read(job_id: str) -> list[tuple[str, int, str]]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT status, progress, current_step FROM test_job_row_writes WHERE job_id = %s ORDER BY n",
+                [job_id],
+            )
+            return cursor.fetchall()
+
+    yield read
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DROP TRIGGER test_job_row_written ON executions_job; DROP FUNCTION test_job_row_written();"
+            "DROP TABLE test_job_row_writes;"
+        )
+
+
+def _run_chatty(client: APIClient, user, make_instance, writes, calls: int, pause: float = 0, fail: bool = False):
+    """Accept a ChattyTool job, run it here while listening to its channel; returns the job,
+    its row's writes (status, progress, current_step), the published events and the seconds
+    the run took."""
     instance = make_instance(ChattyTool.slug, owner=user)
-    body = accept(client, instance, {"calls": calls, "pause": pause})
+    body = accept(client, instance, {"calls": calls, "pause": pause, "fail": fail})
     listener = Listener(body["job_id"])
     started = time.monotonic()
-    with CaptureQueriesContext(connection) as captured:
-        job_run(job_id=body["job_id"], worker_name="test")
+    job_run(job_id=body["job_id"], worker_name="test")
     elapsed = time.monotonic() - started
     published = listener.wait_for_terminal()
-    job_writes = [q["sql"] for q in captured.captured_queries if q["sql"].startswith('UPDATE "executions_job"')]
+    job_writes = writes(body["job_id"])
     print(f"\n{calls} progress calls in {elapsed:.2f} s: {len(job_writes)} UPDATEs of the Job row")
     return Job.objects.get(pk=body["job_id"]), job_writes, published, elapsed
 
@@ -232,31 +273,82 @@ def _assert_every_change_published(published: list[dict[str, Any]], calls: int) 
 
 @pytest.mark.django_db(transaction=True)
 def test_progress_writes_are_coalesced_in_time_while_every_change_is_published(
-    api, user, make_instance, progress_tools
+    api, user, make_instance, progress_tools, job_row_writes
 ):
-    calls = 300  # over 1.5 s or more: several coalescing windows
-    job, job_writes, published, elapsed = _run_chatty(api, user, make_instance, calls, pause=0.005)
+    calls = 300  # over 1.5 s or more: more than one coalescing window
+    job, job_writes, published, elapsed = _run_chatty(api, user, make_instance, job_row_writes, calls, pause=0.005)
 
-    progress_writes = [sql for sql in job_writes if sql.startswith('UPDATE "executions_job" SET "progress"')]
-    # At most one write every 0.25 s, plus the last report (flushed before the outcome).
-    assert 1 <= len(progress_writes) <= elapsed / 0.25 + 2, (len(progress_writes), elapsed)
-    # Besides: the claim, the terminal state, and the attempt log.
-    assert len(job_writes) - len(progress_writes) == 3, job_writes
+    claim, *progress_writes, outcome = job_writes
+    assert claim == ("RUNNING", 0, "") and outcome[0] == "COMPLETED", job_writes
+    # At most one write a second, counted from the claim; the last report goes with the outcome.
+    assert 1 <= len(progress_writes) <= elapsed / PROGRESS_WRITE_INTERVAL, (len(progress_writes), elapsed)
+    assert all(status == "RUNNING" and 0 < progress < 100 for status, progress, _ in progress_writes), job_writes
     _assert_every_change_published(published, calls)
     assert (job.status, job.progress) == (Job.Status.COMPLETED, 100)
     assert job.current_step == f"Item {calls} of {calls}"  # the last report was written
+    assert [entry["attempt"] for entry in job.attempt_log] == [1]  # written with the outcome
 
 
 @pytest.mark.django_db(transaction=True)
-def test_ten_thousand_progress_reports_make_at_most_fifty_job_writes_and_are_all_published(
-    api, user, make_instance, progress_tools
+def test_a_run_shorter_than_the_write_interval_writes_its_job_row_twice(
+    api, user, make_instance, progress_tools, job_row_writes
 ):
-    job, job_writes, published, elapsed = _run_chatty(api, user, make_instance, PROGRESS_CALLS)
+    """The claim and the outcome: the progress and the attempt log ride on the outcome's update."""
+    job, job_writes, published, elapsed = _run_chatty(api, user, make_instance, job_row_writes, 50)
+
+    assert elapsed < PROGRESS_WRITE_INTERVAL
+    assert len(job_writes) == 2, job_writes
+    assert (job.status, job.progress, job.current_step) == (Job.Status.COMPLETED, 100, "Item 50 of 50")
+    assert job.attempt_log[0]["error_code"] == "" and job.attempt_log[0]["worker"] == "test"
+    _assert_every_change_published(published, 50)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_report_followed_by_a_long_step_reaches_the_database_within_the_interval(
+    api, user, make_instance, progress_tools, job_row_writes
+):
+    instance = make_instance(ChattyTool.slug, owner=user)
+    job_id = accept(api, instance, {"calls": 2, "pause": 3})["job_id"]
+
+    def run() -> None:
+        try:
+            job_run(job_id=job_id, worker_name="test")
+        finally:
+            connections.close_all()  # this thread's connection
+
+    runner = threading.Thread(target=run)
+    started = time.monotonic()
+    runner.start()
+    try:
+        wait_for(lambda: Job.objects.get(pk=job_id).current_step == "Item 1 of 2", timeout=2.5)
+        written_after = time.monotonic() - started
+    finally:
+        runner.join()
+
+    assert PROGRESS_WRITE_INTERVAL * 0.9 <= written_after < PROGRESS_WRITE_INTERVAL + 1, written_after
+    assert job_row_writes(job_id)[1] == ("RUNNING", 50, "Item 1 of 2")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_run_keeps_its_last_progress_report(api, user, make_instance, progress_tools, job_row_writes):
+    job, job_writes, published, elapsed = _run_chatty(api, user, make_instance, job_row_writes, 30, fail=True)
+
+    assert len(job_writes) == 2, job_writes
+    assert (job.status, job.progress, job.current_step) == (Job.Status.FAILED, 100, "Item 30 of 30")
+    assert [entry["error_code"] for entry in job.attempt_log] == ["TOOL_ERROR"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ten_thousand_progress_reports_write_the_job_row_at_most_once_a_second_and_are_all_published(
+    api, user, make_instance, progress_tools, job_row_writes
+):
+    job, job_writes, published, elapsed = _run_chatty(api, user, make_instance, job_row_writes, PROGRESS_CALLS)
 
     _assert_every_change_published(published, PROGRESS_CALLS)
     assert (job.status, job.progress) == (Job.Status.COMPLETED, 100)
     assert job.current_step == f"Item {PROGRESS_CALLS} of {PROGRESS_CALLS}"
-    assert len(job_writes) <= MAX_PROGRESS_WRITES, (len(job_writes), f"{elapsed:.1f} s")
+    # The claim, the outcome, and a progress write at most once a second in between.
+    assert len(job_writes) <= elapsed / PROGRESS_WRITE_INTERVAL + 2, (len(job_writes), f"{elapsed:.1f} s")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -266,8 +358,10 @@ def test_a_progress_write_never_moves_progress_backwards_in_the_database(api, us
     job = Job.objects.get(pk=body["job_id"])
     Job.objects.filter(pk=job.pk).update(status=Job.Status.RUNNING, progress=60)
 
-    sink = JobProgress(job, interval=0)
+    sink = JobProgress(job)
     sink(30, "an older report arriving late", None, None)
+    sink.flush()
+    sink.take()
 
     assert Job.objects.get(pk=job.pk).progress == 60
 
@@ -279,7 +373,10 @@ def test_progress_is_not_written_to_a_job_that_already_ended(api, user, make_ins
     job = Job.objects.get(pk=body["job_id"])
     assert api.post(f"/api/v1/instances/{instance.pk}/jobs/{job.pk}/cancel").status_code == 202
 
-    JobProgress(job, interval=0)(90, "still going", None, None)
+    sink = JobProgress(job)
+    sink(90, "still going", None, None)
+    sink.flush()
+    sink.take()
 
     job.refresh_from_db()
     assert (job.status, job.progress, job.current_step) == (Job.Status.CANCELLED, 0, "")
