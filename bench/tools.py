@@ -20,27 +20,36 @@ class BenchNoopTool(Tool):
 
 class BenchProgressTool(Tool):
     """Loops ``n`` times, calling ``ctx.progress(i * 100 / n)`` on each turn when ``progress``
-    is true and nothing otherwise; returns how long the loop took."""
+    is true and nothing otherwise; with ``spread_seconds``, pauses a hundred times along the
+    way so the loop lasts that long. Returns how long the loop took."""
 
     slug = "bench-progress"
     name = "Bench Progress"
     input_schema = {
         "type": "object",
-        "properties": {"n": {"type": "integer", "minimum": 1}, "progress": {"type": "boolean"}},
+        "properties": {
+            "n": {"type": "integer", "minimum": 100},
+            "progress": {"type": "boolean"},
+            "spread_seconds": {"type": "number", "minimum": 0},
+        },
         "required": ["n", "progress"],
     }
     modes = frozenset({ASYNC})
     timeout_seconds = 600
 
     def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
-        n, report = inputs["n"], inputs["progress"]
+        n, report, spread = inputs["n"], inputs["progress"], inputs.get("spread_seconds", 0)
+        pause_every, pause = n // 100, spread / 100
         started = time.perf_counter()
         if report:
             for i in range(n):
                 ctx.progress(i * 100 / n)
+                if pause and i % pause_every == 0:
+                    time.sleep(pause)
         else:
-            for _i in range(n):
-                pass
+            for i in range(n):
+                if pause and i % pause_every == 0:
+                    time.sleep(pause)
         return {"loop_seconds": time.perf_counter() - started}
 
 
