@@ -1,6 +1,8 @@
 """Benchmark 1: execute-sync of a no-op tool through gunicorn (2 sync workers) against a plain
 Django view doing the least SQL of a recorded run (bench/baseline), with wrk at 1 and 8
-connections, alternating product and baseline rounds."""
+connections, alternating product and baseline rounds; a third arm, the framework floor (the
+baseline's statements in a DRF view with the product's authentication and throttles), shows
+how much of the gap any DRF endpoint pays."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from .common import ROUNDS, Arms, Gunicorn, PgStats, ab_rounds, ms, verdict, wrk
 
 TITLE = "benchmark 1: sync execute overhead"
 ROUND_SECONDS = 5
+ARMS = ("product", "floor", "baseline")
+AUTHENTICATED = {"product", "floor"}
 CONNECTIONS = (1, 8)
 BODY = '{"echo": "bench"}'
 
@@ -33,6 +37,7 @@ def fixtures() -> dict[str, str]:
     return {
         "token": key,
         "product": f"/api/v1/instances/{instance.pk}/execute-sync",
+        "floor": "/bench/framework-floor/execute",
         "baseline": "/bench/baseline/execute",
     }
 
@@ -46,7 +51,7 @@ def statements_per_request(paths: dict[str, str], token: str, requests: int = 20
     client = Client(SERVER_NAME="127.0.0.1")
     counts: dict[str, dict[str, float]] = {}
     for arm, path in paths.items():
-        headers = {"HTTP_AUTHORIZATION": f"Token {token}"} if arm == "product" else {}
+        headers = {"HTTP_AUTHORIZATION": f"Token {token}"} if arm in AUTHENTICATED else {}
         client.post(path, BODY, content_type="application/json", **headers)  # warm caches
         tally = _tally(
             lambda path=path, headers=headers: client.post(path, BODY, content_type="application/json", **headers),
@@ -106,7 +111,7 @@ def transactions_per_request(paths: dict[str, str], token: str) -> dict[str, dic
             server = Gunicorn()
             try:
                 figures = wrk(
-                    server.url(path), token=token if arm == "product" else None, body=BODY, connections=1, seconds=5
+                    server.url(path), token=token if arm in AUTHENTICATED else None, body=BODY, connections=1, seconds=5
                 )
             finally:
                 server.stop()
@@ -135,13 +140,13 @@ def measure() -> dict[str, Any]:
             def arm(name: str, connections: int = connections) -> Any:
                 return lambda: wrk(
                     server.url(paths[name]),
-                    token=token if name == "product" else None,
+                    token=token if name in AUTHENTICATED else None,
                     body=BODY,
                     connections=connections,
                     seconds=ROUND_SECONDS,
                 )
 
-            by_connections[connections] = ab_rounds({"product": arm("product"), "baseline": arm("baseline")})
+            by_connections[connections] = ab_rounds({name: arm(name) for name in ARMS})
     finally:
         server.stop()
     return {"arms": by_connections, "statements": statements, "xacts": xacts, "round_seconds": ROUND_SECONDS}
@@ -155,7 +160,9 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "`POST /api/v1/instances/{id}/execute-sync` of a no-op tool (`bench-noop`) with a token, "
         "through gunicorn (2 sync workers, 127.0.0.1), against `bench/baseline`: a plain Django view "
         "(same settings and middleware, no DRF, no authentication) doing an INSERT (autocommit), then "
-        "an UPDATE of that row and a counter UPDATE in one transaction. "
+        "an UPDATE of that row and a counter UPDATE in one transaction. The *floor* arm runs the same "
+        "statements in a DRF `APIView` with the product's settings (token authentication, throttles, "
+        "renderers): not a target, it shows what of the gap any token-authenticated DRF endpoint pays. "
         f"wrk with a JSON body, {result['round_seconds']} s per round, one warm-up round per arm, then "
         f"{ROUNDS} rounds alternating the order (A B, B A, …). Latency figures are the median "
         "and the p99 *over rounds* of each round's own p50 / p99 from wrk; throughput likewise.",
@@ -164,16 +171,22 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "| req/s (p99 of rounds) |",
         "|---|---|---|---|---|---|---|",
     ]
-    verdicts = []
+    verdicts, ratios = [], []
     for connections in CONNECTIONS:
         arms = result["arms"][connections]
-        for arm in ("product", "baseline"):
+        for arm in ARMS:
             lines.append(
                 f"| {connections} | {arm} | {ms(arms.median(arm, 'p50_ms'))} | {ms(arms.p99(arm, 'p50_ms'))} | "
                 f"{ms(arms.median(arm, 'p99_ms'))} | {arms.median(arm, 'rps'):.0f} | {arms.p99(arm, 'rps'):.0f} |"
             )
         p50_ratio = arms.median("product", "p50_ms") / arms.median("baseline", "p50_ms")
         rps_ratio = arms.median("product", "rps") / arms.median("baseline", "rps")
+        floor = arms.median("floor", "p50_ms")
+        ratios.append(
+            f"at {connections} connection{'s' if connections > 1 else ''}, the floor's p50 is "
+            f"{floor / arms.median('baseline', 'p50_ms'):.2f}× the baseline's and the product's "
+            f"{arms.median('product', 'p50_ms') / floor:.2f}× the floor's"
+        )
         verdicts.append(
             f"| 1. sync, {connections} conn | p50 product / baseline | {p50_ratio:.2f}× | "
             f"≤ {TARGET['p50_ratio_max']}× | {verdict(p50_ratio <= TARGET['p50_ratio_max'])} |"
@@ -182,6 +195,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"| 1. sync, {connections} conn | throughput product / baseline | {rps_ratio:.0%} | "
             f"≥ {TARGET['rps_ratio_min']:.0%} | {verdict(rps_ratio >= TARGET['rps_ratio_min'])} |"
         )
+    lines += ["", f"Framework floor: {'; '.join(ratios)}."]
     st, xa = result["statements"], result["xacts"]
     write_xacts = st["product"]["write_xacts"]
     verdicts.append(
@@ -196,7 +210,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "| xact_rollback |",
         "|---|---|---|---|---|---|---|",
     ]
-    for arm in ("product", "baseline"):
+    for arm in ARMS:
         lines.append(
             f"| {arm} | {st[arm]['statements']:g} | {st[arm]['reads']:g} | {st[arm]['writes']:g} | "
             f"{st[arm]['write_xacts']:g} | "
@@ -207,8 +221,9 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "*Write transactions* are attributed exactly, in-process (Django's test client, same settings, "
         "20 requests after a warm-up): a write statement outside an atomic block is a transaction of its "
         "own, an atomic block that wrote counts once at its commit. *xact_commit* is PostgreSQL's own count "
-        f"over a 1-connection wrk run of each arm ({xa['product']['requests']:.0f} and "
-        f"{xa['baseline']['requests']:.0f} requests) in a gunicorn started and stopped for it (so its backends "
+        "over a 1-connection wrk run of each arm ("
+        + ", ".join(f"{xa[arm]['requests']:.0f}" for arm in ARMS)
+        + " requests) in a gunicorn started and stopped for it (so its backends "
         "flushed their counters); in autocommit every read outside a transaction is a committed transaction "
         "too, so it is reads + write transactions (plus connection set-up, amortised by persistent connections).",
         "",

@@ -1,8 +1,9 @@
 from django.urls import include, path
 
-from .views import baseline_execute
+from .views import baseline_execute, framework_floor
 
 urlpatterns = [
     path("bench/baseline/execute", baseline_execute, name="bench-baseline-execute"),
+    path("bench/framework-floor/execute", framework_floor, name="bench-framework-floor-execute"),
     path("", include("toolexec.urls")),
 ]

@@ -1,6 +1,10 @@
 """A plain Django view (no DRF, no authentication) that does the least SQL a recorded sync run
 needs, in the product's two transactions: the attempt (INSERT, autocommit), then the outcome
-(UPDATE of that row and a counter UPDATE, one transaction)."""
+(UPDATE of that row and a counter UPDATE, one transaction).
+
+Beside it, the same statements in a DRF view with the product's authentication, throttles and
+renderers (``framework_floor``): what any token-authenticated DRF endpoint pays before it does
+anything of its own, to tell the framework's share of the product's overhead from ours."""
 
 import json
 import uuid
@@ -9,6 +13,9 @@ from django.db import connection, transaction
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
 
 TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS bench_baseline_run (
@@ -24,10 +31,7 @@ INSERT INTO bench_baseline_counter (id, runs) VALUES (1, 0) ON CONFLICT DO NOTHI
 """
 
 
-@csrf_exempt
-@require_POST
-def baseline_execute(request: HttpRequest) -> JsonResponse:
-    inputs = json.loads(request.body or b"{}")
+def _record(inputs: dict) -> dict:
     run_id = uuid.uuid4()
     with connection.cursor() as cursor:
         cursor.execute(
@@ -41,4 +45,20 @@ def baseline_execute(request: HttpRequest) -> JsonResponse:
             [json.dumps(output), run_id],
         )
         cursor.execute("UPDATE bench_baseline_counter SET runs = runs + 1 WHERE id = 1")
-    return JsonResponse({"success": True, "data": output, "execution_id": str(run_id)})
+    return {"success": True, "data": output, "execution_id": str(run_id)}
+
+
+@csrf_exempt
+@require_POST
+def baseline_execute(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(_record(json.loads(request.body or b"{}")))
+
+
+class FrameworkFloor(APIView):
+    """DRF with the product's default authentication, permission, throttles and renderers."""
+
+    def post(self, request: Request) -> Response:
+        return Response(_record(request.data))
+
+
+framework_floor = FrameworkFloor.as_view()
