@@ -96,6 +96,7 @@ wrk.method = %(method)s
 wrk.body = %(body)s
 if wrk.body then wrk.headers["Content-Type"] = "application/json" end
 if %(auth)s then wrk.headers["Authorization"] = %(auth)s end
+%(headers)s
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -147,10 +148,18 @@ class Gunicorn:
 
 
 def wrk(
-    url: str, *, token: str | None, connections: int, seconds: int, body: str | None = None, method: str | None = None
+    url: str,
+    *,
+    token: str | None,
+    connections: int,
+    seconds: int,
+    body: str | None = None,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """One wrk run against ``url``: POST of the JSON ``body`` when given, else GET (or ``method``).
-    Raises when any request failed or answered other than 2xx."""
+    """One wrk run against ``url``: POST of the JSON ``body`` when given, else GET (or ``method``),
+    with ``headers`` added (a session ``Cookie``, say). Raises when any request failed or answered
+    other than 2xx."""
     auth = json.dumps(f"Token {token}") if token else "nil"
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
@@ -159,6 +168,9 @@ def wrk(
                 "method": json.dumps(method or ("POST" if body is not None else "GET")),
                 "body": json.dumps(body) if body is not None else "nil",
                 "auth": auth,
+                "headers": "\n".join(
+                    f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}" for name, value in (headers or {}).items()
+                ),
             }
         )
     threads = min(connections, 2)

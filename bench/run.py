@@ -21,6 +21,7 @@ BENCHMARKS = {
     "sync": "bench.sync_execute",
     "async": "bench.async_accept",
     "progress": "bench.progress_cost",
+    "history": "bench.history_scale",
 }
 # BENCH_DOC writes elsewhere (to develop a benchmark without touching the committed document)
 DOC = Path(os.environ.get("BENCH_DOC", common.ROOT / "docs" / "benchmarks.md")).resolve()
