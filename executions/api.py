@@ -1,5 +1,5 @@
 import json
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from django.db.models import QuerySet
@@ -55,6 +55,63 @@ class ExecutionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+# The list renders rows straight from ``.values()``: at 50 rows a page, model instances and the
+# serializer's per-field machinery cost more than the query itself (benchmark 6 in
+# docs/benchmarks.md). The detail keeps ExecutionSerializer; tests pin that both render an
+# execution alike.
+EXECUTION_LIST_COLUMNS = (
+    "id",
+    "instance_id",
+    "tool__slug",
+    "tool__name",
+    "mode",
+    "status",
+    "input_data",
+    "output_data",
+    "error_code",
+    "error_message",
+    "error_metadata",
+    "credits_consumed",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "cache_hit",
+    "created_at",
+)
+
+
+def _timestamp(value: datetime | None, zone: tzinfo) -> str | None:
+    """As DRF's DateTimeField renders it: ISO 8601 in the current time zone, UTC as ``Z``."""
+    if value is None:
+        return None
+    text = value.astimezone(zone).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def execution_list_item(row: dict[str, Any], zone: tzinfo) -> dict[str, Any]:
+    """One row of ``EXECUTION_LIST_COLUMNS`` as ExecutionSerializer renders the execution."""
+    instance_id = row["instance_id"]
+    return {
+        "id": str(row["id"]),
+        "instance_id": str(instance_id) if instance_id is not None else None,
+        "tool_definition_id": row["tool__slug"],
+        "tool_name": row["tool__name"],
+        "mode": row["mode"],
+        "status": row["status"],
+        "input_data": row["input_data"],
+        "output_data": row["output_data"],
+        "error_code": row["error_code"],
+        "error_message": row["error_message"],
+        "error_metadata": row["error_metadata"],
+        "credits_consumed": row["credits_consumed"],  # numeric(12, 4): already 4 places, a JSON number
+        "started_at": _timestamp(row["started_at"], zone),
+        "finished_at": _timestamp(row["finished_at"], zone),
+        "duration_ms": row["duration_ms"],
+        "cache_hit": row["cache_hit"],
+        "created_at": _timestamp(row["created_at"], zone),
+    }
+
+
 class ExecutionFilter(serializers.Serializer):
     instance = serializers.UUIDField(required=False)
     status = serializers.ChoiceField(choices=Execution.Status.choices, required=False)
@@ -105,6 +162,11 @@ class ExecutionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
         params = ExecutionFilter(data=self.request.query_params)
         params.is_valid(raise_exception=True)
         return execution_list(owner=self.request.user, **params.filters())
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        page = self.paginate_queryset(self.get_queryset().values(*EXECUTION_LIST_COLUMNS))
+        zone = timezone.get_current_timezone()
+        return self.get_paginated_response([execution_list_item(row, zone) for row in page])
 
 
 SyncSuccess = inline_serializer(

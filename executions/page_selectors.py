@@ -369,15 +369,16 @@ def execution_history(
     after: str = "",
     size: int = 25,
 ) -> HistoryPage:
-    """One page of ``executions``, newest first, after or before a cursor: one query, no COUNT."""
+    """One page of ``executions``, newest first, after or before a cursor: one query, no COUNT.
+
+    The cursor's ``created_at`` bound is also given on its own: it is the index's range, so the
+    page costs the same at any depth; the ``(created_at, id)`` comparison beside it only sorts
+    out the rows of the cursor's own microsecond (PostgreSQL cannot range-scan an ``OR``)."""
     qs = executions.select_related("tool", "instance", "job", "owner")
     if after:
         moment, pk = cursor_parse(after)
-        rows = list(
-            qs.filter(Q(created_at__gt=moment) | Q(created_at=moment, id__gt=pk)).order_by("created_at", "id")[
-                : size + 1
-            ]
-        )
+        newer = qs.filter(created_at__gte=moment).filter(Q(created_at__gt=moment) | Q(created_at=moment, id__gt=pk))
+        rows = list(newer.order_by("created_at", "id")[: size + 1])
         more_newer = len(rows) > size
         items = list(reversed(rows[:size]))
         return HistoryPage(
@@ -387,7 +388,7 @@ def execution_history(
         )
     if before:
         moment, pk = cursor_parse(before)
-        qs = qs.filter(Q(created_at__lt=moment) | Q(created_at=moment, id__lt=pk))
+        qs = qs.filter(created_at__lte=moment).filter(Q(created_at__lt=moment) | Q(created_at=moment, id__lt=pk))
     rows = list(qs.order_by("-created_at", "-id")[: size + 1])
     items = rows[:size]
     return HistoryPage(
