@@ -146,8 +146,9 @@ def _follow_a_real_job(browser: Browser, rq_worker: Any, user: Any, make_instanc
     rq_worker()
     instance = make_instance("demo-long-task", owner=user)
     browser.login(user.username)
+    # Polling reads the database, which gets the latest progress once a second: over 6 s.
     accepted = execution_enqueue(
-        instance=instance_list(owner=user).get(pk=instance.pk), inputs={"steps": 12, "step_seconds": 0.4}
+        instance=instance_list(owner=user).get(pk=instance.pk), inputs={"steps": 12, "step_seconds": 0.5}
     )
     browser.get(f"/status/jobs/{accepted.job.pk}/")
     browser.js("window.__sameDocument = true;")  # a reload would lose it
