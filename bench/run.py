@@ -22,6 +22,9 @@ BENCHMARKS = {
     "async": "bench.async_accept",
     "progress": "bench.progress_cost",
     "history": "bench.history_scale",
+    "queue-start": "bench.queue_start",
+    "throughput": "bench.worker_throughput",
+    "memory": "bench.worker_memory",
 }
 # BENCH_DOC writes elsewhere (to develop a benchmark without touching the committed document)
 DOC = Path(os.environ.get("BENCH_DOC", common.ROOT / "docs" / "benchmarks.md")).resolve()

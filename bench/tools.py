@@ -3,7 +3,10 @@
 import time
 from typing import Any
 
+from executions import events
 from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
+
+from .bare_rq import first_line_record
 
 
 class BenchNoopTool(Tool):
@@ -53,4 +56,23 @@ class BenchProgressTool(Tool):
         return {"loop_seconds": time.perf_counter() - started}
 
 
-BENCH_TOOLS = [BenchNoopTool, BenchProgressTool]
+class BenchFirstLineTool(Tool):
+    """Records the wall-clock time of its first line (and its process, and with ``rss`` its
+    resident memory) in the Redis list ``key``, then does nothing: the worker benchmarks."""
+
+    slug = "bench-first-line"
+    name = "Bench First Line"
+    input_schema = {
+        "type": "object",
+        "properties": {"key": {"type": "string"}, "rss": {"type": "boolean"}},
+        "required": ["key"],
+    }
+    modes = frozenset({ASYNC})
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        ts = time.time()
+        first_line_record(events.redis(), inputs["key"], ts=ts, ident=ctx.execution_id, rss=inputs.get("rss", False))
+        return {}
+
+
+BENCH_TOOLS = [BenchNoopTool, BenchProgressTool, BenchFirstLineTool]

@@ -1,0 +1,244 @@
+"""What the worker benchmarks (3, 4, 7) share: RQ worker processes of either arm, the
+first-line records their jobs write, and the fixtures of the product arm.
+
+- *product*: ``manage.py rqworker default --with-scheduler --worker-class
+  executions.worker.ToolexecWorker``, as the README starts it (bench settings, so the bench
+  tools exist), running ``executions.jobs.run`` for jobs accepted by the product;
+- *bare*: ``rq worker --worker-class rq.Worker --with-scheduler`` (RQ's own CLI, no Django) on
+  the queue ``bench-bare``, running ``bench.bare_rq.noop`` enqueued with ``Queue.enqueue``.
+
+``ToolexecWorker`` is a subclass of ``rq.Worker``: both arms fork a work-horse per job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from . import bare_rq
+from .common import REDIS_URL, ROOT, subprocess_env
+
+ARMS = ("product", "bare")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PRODUCT_QUEUE = "default"  # executions.events.QUEUE_NAME
+
+
+@cache
+def redis_client() -> Any:
+    import redis
+
+    return redis.Redis.from_url(REDIS_URL)
+
+
+class RQWorker:
+    """One worker process of an arm (its parent: the process that forks the work-horses)."""
+
+    def __init__(self, arm: str, *, burst: bool = False, env: dict[str, str] | None = None) -> None:
+        assert arm in ARMS, arm
+        self.arm = arm
+        self.name = f"bench-{arm}-{uuid.uuid4().hex[:8]}"
+        if arm == "product":
+            command = [
+                sys.executable, "manage.py", "rqworker", PRODUCT_QUEUE, "--with-scheduler",
+                "--worker-class", "executions.worker.ToolexecWorker", "--name", self.name,
+            ]  # fmt: skip
+        else:
+            command = [
+                sys.executable, "-m", "rq.cli", "worker", "--url", REDIS_URL, "--worker-class", "rq.Worker",
+                "--with-scheduler", "--name", self.name, bare_rq.QUEUE,
+            ]  # fmt: skip
+        if burst:
+            command.append("--burst")
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{arm}-worker-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            command, cwd=str(ROOT), env={**subprocess_env(), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def state(self) -> str | None:
+        value = redis_client().hget(f"rq:worker:{self.name}", "state")
+        return value.decode() if value is not None else None
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until the worker waits for a job (registered in Redis, state ``idle``)."""
+        deadline = time.monotonic() + timeout
+        while self.state() != "idle":
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the {self.arm} worker exited:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {self.arm} worker did not get idle:\n{self.output()}")
+            time.sleep(0.002)
+
+    def wait_exit(self, timeout: float = 600) -> None:
+        """A burst worker ends once its queue is empty."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the {self.arm} worker did not finish:\n{self.output()}") from None
+        if self.process.returncode != 0:
+            raise RuntimeError(f"the {self.arm} worker failed ({self.process.returncode}):\n{self.output()}")
+
+    def rss_kb(self) -> int:
+        return bare_rq.rss_kb(self.pid)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) of the worker process itself, and of its children it has
+        waited for (the work-horses that ended; the scheduler lives as long as the worker)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime, cutime, cstime = (int(value) / CLOCK_TICKS for value in fields[11:15])
+        return utime + stime, cutime + cstime
+
+    def children(self) -> list[int]:
+        """The scheduler, and the work-horse while a job runs."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM (a warm shutdown: the current job finishes), then whatever is left of it."""
+        children = self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def stop_all(workers: list[RQWorker]) -> None:
+    for worker in workers:
+        worker.stop()
+
+
+def wait_state(workers: list[RQWorker], state: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while any(worker.state() != state for worker in workers):
+        for worker in workers:
+            if worker.process.poll() is not None:
+                raise RuntimeError(f"the {worker.arm} worker exited:\n{worker.output()}")
+        if time.monotonic() > deadline:
+            states = [worker.state() for worker in workers]
+            raise RuntimeError(f"workers not {state} within {timeout} s: {states}\n{workers[0].output()}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def held(workers: list[RQWorker], plug: Any) -> Any:
+    """The workers, idle, stop taking jobs (RQ's suspension, as `rq suspend`) while the block
+    fills their queue; they start on it together when it ends (each within the 1 s RQ's
+    suspended workers sleep between checks). ``plug(n)`` enqueues ``n`` jobs: one for each
+    worker blocked on the queue, so each reaches the suspension check."""
+    from rq.suspension import resume, suspend
+
+    wait_state(workers, "idle")
+    suspend(redis_client())
+    try:
+        plug(len(workers))
+        wait_state(workers, "suspended")
+        yield
+    finally:
+        resume(redis_client())
+
+
+# --- First-line records -------------------------------------------------------------------
+
+
+def records_key(label: str) -> str:
+    """A fresh Redis list for the first-line records of one batch of jobs."""
+    return f"bench:first-line:{label}:{uuid.uuid4().hex[:12]}"
+
+
+def records(key: str) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in redis_client().lrange(key, 0, -1)]
+
+
+def wait_records(key: str, count: int, *, timeout: float = 600, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while redis_client().llen(key) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{redis_client().llen(key)} of {count} jobs ran within {timeout} s")
+        time.sleep(poll)
+
+
+def rq_job_ended(rq_job_id: str) -> bool:
+    status = redis_client().hget(f"rq:job:{rq_job_id}", "status")
+    return status in (b"finished", b"failed", b"stopped", b"canceled")
+
+
+# --- The arms' jobs -----------------------------------------------------------------------
+
+
+def bare_queue() -> Any:
+    from rq import Queue
+
+    return Queue(bare_rq.QUEUE, connection=redis_client())
+
+
+def bare_enqueue(key: str, count: int = 1) -> list[str]:
+    """``count`` jobs of the bare no-op, with plain ``Queue.enqueue``; their RQ ids."""
+    queue = bare_queue()
+    return [queue.enqueue(bare_rq.noop, key).id for _ in range(count)]
+
+
+def product_instance(label: str) -> Any:
+    """An ACTIVE instance of ``bench-first-line`` owned by a fresh user (with the default credits)."""
+    from django.contrib.auth import get_user_model
+
+    from instances.services import instance_create
+    from tools.models import ToolDefinition
+
+    user = get_user_model().objects.create_user(username=f"bench-{label}-{time.time_ns()}", password=None)
+    return instance_create(
+        owner=user, tool=ToolDefinition.objects.get(slug="bench-first-line"), name=f"bench {label}", workflow_id="bench"
+    )
+
+
+def product_token(instance: Any) -> str:
+    from toolexec.models import ApiToken
+
+    _, key = ApiToken.issue(user=instance.owner, name="bench")
+    return key
+
+
+def product_enqueue(instance: Any, key: str, count: int, *, rss: bool = False) -> list[str]:
+    """``count`` jobs accepted with the service execute-async calls (``execution_enqueue``),
+    in this process; their RQ ids."""
+    from executions.services import execution_enqueue
+
+    inputs = {"key": key, "rss": True} if rss else {"key": key}
+    return [execution_enqueue(instance=instance, inputs=inputs).job.rq_job_id for _ in range(count)]
+
+
+def product_completed(rq_job_ids: list[str]) -> int:
+    """How many of these jobs the product recorded COMPLETED."""
+    from executions.models import Job
+
+    return Job.objects.filter(rq_job_id__in=rq_job_ids, status=Job.Status.COMPLETED).count()
+
+
+def queue_empty(arm: str) -> None:
+    """Nothing left of an earlier round on the arm's queue."""
+    from rq import Queue
+
+    name = PRODUCT_QUEUE if arm == "product" else bare_rq.QUEUE
+    Queue(name, connection=redis_client()).empty()
