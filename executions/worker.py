@@ -10,23 +10,42 @@ RQ's forking worker, with three additions so no job state lies:
   heartbeat while this worker watches a job (so a busy worker still reaps, and stops a
   cancelled job that never checks). It is two indexed queries over RUNNING jobs.
 
+and two so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
+
+- the worker keeps one PostgreSQL connection open, *lends* it to each work-horse it forks and
+  takes it back when the horse reports that it left the connection idle. A horse would
+  otherwise open its own connection per job: a new server process, whose catalog caches are
+  cold for every table the job touches. While a horse has the connection, this process does
+  not use it (heartbeats open a connection of their own, closed once the horse is done); a
+  horse that did not hand it back (killed, timed out, failed mid-transaction) leaves a
+  connection in an unknown state, which this process closes without a word to the server;
+- what the worker has built by the time it starts working (Django, the app, the catalog) is
+  frozen out of the garbage collector's sight, so a collection in a horse does not walk, and
+  copy page by page, the parent's whole heap.
+
 Job descriptions are not logged: the log carries job ids only.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import mmap
+import os
 from typing import Any
 
 from django.conf import settings
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.worker import Worker
 
+from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
 from .services import job_heartbeat, job_horse_lost, jobs_reap
 
 logger = logging.getLogger(__name__)
+
+HANDED_BACK = 1  # what a work-horse writes in the shared byte when it leaves the lent connection idle
 
 
 class ToolexecWorker(Worker):
@@ -37,19 +56,51 @@ class ToolexecWorker(Worker):
         kwargs.setdefault("maintenance_interval", settings.TOOLEXEC_JOB_STALE_SECONDS // 2 or 1)
         kwargs["log_job_description"] = False
         super().__init__(*args, **kwargs)
+        # One byte shared with every work-horse (an anonymous shared mapping outlives fork()).
+        self._handback = mmap.mmap(-1, 1)
+        self._lent: Any = None  # the driver connection the current horse was forked with
+        self._lent_close_at: float | None = None
 
     @property
     def dequeue_timeout(self) -> int:
         # Wake up while idle often enough to run maintenance (the reaper) on time.
         return max(1, min(super().dequeue_timeout, self.maintenance_interval))
 
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)
+        # Once, not before every fork: what this process allocates later stays collectable.
+        gc.collect()
+        gc.freeze()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        # Connect while idle, so the next job's horse finds a connection ready.
+        self._database_ready()
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
     def execute_job(self, job: RQJob, queue: Queue) -> None:
-        # The work-horse is forked from this process: it must not inherit a database socket.
-        connections.close_all()
+        for other in connections.all(initialized_only=True):
+            if other.alias != DEFAULT_DB_ALIAS or other.vendor != "postgresql":
+                other.close()  # a horse inherits no other database socket
+        database = connections[DEFAULT_DB_ALIAS]
+        self._lent, self._lent_close_at = database.connection, database.close_at
+        self._handback[0] = 0
         try:
             super().execute_job(job, queue)
         finally:
-            connections.close_all()
+            self._database_return()
+
+    def fork_work_horse(self, job: RQJob, queue: Queue) -> None:
+        super().fork_work_horse(job, queue)
+        # Only this process gets here (the horse ends in os._exit()): the connection is the
+        # horse's until it ends. Forgotten, not closed: closing would end the horse's session.
+        connections[DEFAULT_DB_ALIAS].connection = None
+
+    def perform_job(self, job: RQJob, queue: Queue) -> bool:
+        try:
+            return super().perform_job(job, queue)
+        finally:
+            if self.is_horse and self._lent is not None and _connection_idle(DEFAULT_DB_ALIAS, self._lent):
+                self._handback[0] = HANDED_BACK
 
     def maintain_heartbeats(self, job: RQJob) -> None:
         super().maintain_heartbeats(job)
@@ -69,8 +120,60 @@ class ToolexecWorker(Worker):
             logger.exception("Could not record the loss of job %s", job.id)
 
     def run_maintenance_tasks(self) -> None:
+        # RQ may fork its scheduler again here: no database socket may go with it.
+        connections.close_all()
         super().run_maintenance_tasks()
+        jobs_reap()
+
+    def _database_ready(self) -> None:
+        """An open, young, working connection to lend to the next horse (PostgreSQL only: an
+        SQLite connection must not cross fork()). A database that does not answer now is the
+        horse's to find out: it connects by itself and records the failure."""
+        database = connections[DEFAULT_DB_ALIAS]
+        if database.vendor != "postgresql":
+            database.close()
+            return
+        database.close_if_unusable_or_obsolete()
         try:
-            jobs_reap()
-        finally:
-            connections.close_all()
+            database.ensure_connection()
+        except DatabaseError:
+            logger.warning("No database connection to lend to the next work-horse", exc_info=True)
+
+    def _database_return(self) -> None:
+        """After a horse: take the lent connection back if the horse handed it back idle, else
+        drop this process's copy of it."""
+        database = connections[DEFAULT_DB_ALIAS]
+        lent, self._lent = self._lent, None
+        if lent is None or database.connection is lent:
+            return  # nothing was lent, or the fork failed and it never left
+        database.close()  # the connection this process opened meanwhile (heartbeats), if any
+        if self._handback[0] != HANDED_BACK:
+            _connection_forget(lent)
+            return
+        # Its state here is as it was at fork(), and the horse left the session that way: idle.
+        database.connection = lent
+        database.close_at = self._lent_close_at
+        database.in_atomic_block = database.needs_rollback = database.closed_in_transaction = False
+        database.savepoint_ids, database.atomic_blocks = [], []
+        database.errors_occurred = False
+        database.health_check_done = False
+
+
+def _connection_idle(alias: str, raw: Any) -> bool:
+    """Whether the horse leaves the lent connection as it got it: the same one, open, no
+    transaction, no error since its last commit."""
+    database = connections[alias]
+    if database.connection is not raw or database.in_atomic_block or database.errors_occurred:
+        return False
+    return not raw.closed and raw.info.transaction_status == 0  # idle: psycopg2 and psycopg 3 alike
+
+
+def _connection_forget(raw: Any) -> None:
+    """Close this process's copy of a connection a horse may have left in any state, without a
+    word to the server: a Terminate message could land in the middle of whatever the horse left
+    half-sent. The server sees the socket close and ends the session, rolling back what is open."""
+    if raw.closed:
+        return
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), raw.fileno())  # the driver's goodbye goes nowhere
+    raw.close()

@@ -1,0 +1,141 @@
+"""What a job costs the database on a real worker (``rq_worker``): the worker lends one
+PostgreSQL session to every work-horse it forks (executions/worker.py), so a job opens no
+session of its own, and a horse that does not leave the session idle takes it with it.
+
+The probes below are plain RQ functions, enqueued directly: the work-horse imports this module
+and runs them on the connection it was lent, as ``executions.jobs.run`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import django_rq
+import pytest
+from django.db import connection, transaction
+from rq.job import Job as RQJob
+from rq.job import JobStatus
+
+from executions.models import Job
+from executions.services import execution_enqueue
+from tests.conftest import wait_for
+from tests.test_async_worker import alive
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+# --- run in the work-horse -------------------------------------------------------------------
+
+
+def backend_pid() -> int:
+    """The PostgreSQL backend serving this process's connection."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def hold_transaction(key: str) -> None:
+    """Open a transaction, say which backend and which horse hold it, and wait to be killed."""
+    with transaction.atomic():
+        pid = backend_pid()
+        django_rq.get_connection().rpush(key, json.dumps({"backend": pid, "horse": os.getpid()}))
+        time.sleep(60)
+
+
+def leave_transaction_open() -> int:
+    """Return with a transaction still open on the connection (a bug a horse may have)."""
+    transaction.set_autocommit(False)
+    return backend_pid()
+
+
+def sleep_then_backend_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return backend_pid()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def run(func: Any, *args: Any, timeout: float = 30) -> Any:
+    """Enqueue ``func`` on the worker's queue and wait for its return value."""
+    job = django_rq.get_queue("default").enqueue(func, *args)
+    wait_for(
+        lambda: job.get_status(refresh=True) in {JobStatus.FINISHED, JobStatus.FAILED},
+        timeout=timeout,
+        message=f"{func.__name__} to end",
+    )
+    assert job.get_status() == JobStatus.FINISHED, RQJob.fetch(job.id, connection=job.connection).exc_info
+    return job.return_value(refresh=True)
+
+
+def backend_alive(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+        return cursor.fetchone()[0] == 1
+
+
+def other_sessions() -> int:
+    """Sessions on the test database besides this test's own."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
+# --- tests --------------------------------------------------------------------------------
+
+
+def test_every_job_of_a_worker_runs_on_the_one_session_it_lends(rq_worker, make_instance, user):
+    rq_worker()
+    instance = make_instance("test-noop", owner=user)
+    first = run(backend_pid)
+    for _ in range(3):
+        # A real job between the probes: claim, run, outcome, on the same lent session.
+        job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
+        wait_for(lambda job=job: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, message="the job")
+        assert run(backend_pid) == first
+    assert other_sessions() <= 1  # the worker's; no job left one behind
+
+
+def test_a_horse_killed_mid_transaction_takes_its_session_with_it(rq_worker):
+    worker = rq_worker()
+    lent = run(backend_pid)
+    key = f"test:hold:{uuid.uuid4().hex}"
+    django_rq.get_queue("default").enqueue(hold_transaction, key, job_timeout=120)
+    _, raw = django_rq.get_connection().blpop([key], timeout=30)
+    held = json.loads(raw)
+    assert held["backend"] == lent  # it ran on the lent session
+    os.kill(held["horse"], signal.SIGKILL)
+    wait_for(lambda: not alive(held["horse"]), timeout=10, message="the horse to die")
+    # Not taken back in an unknown state: the worker drops it, the server ends the session
+    # and rolls its transaction back.
+    wait_for(lambda: not backend_alive(lent), timeout=10, message="the killed horse's session to end")
+    assert run(backend_pid) != lent
+    assert worker.process.poll() is None
+
+
+def test_a_job_that_leaves_a_transaction_open_does_not_hand_its_session_back(rq_worker):
+    rq_worker()
+    lent = run(leave_transaction_open)
+    wait_for(lambda: not backend_alive(lent), timeout=10, message="the session left in a transaction to end")
+    after = run(backend_pid)
+    assert after != lent
+    assert run(backend_pid) == after  # and the next one is lent again
+
+
+def test_heartbeats_during_a_long_job_use_a_session_of_their_own_closed_after_it(rq_worker):
+    rq_worker(TOOLEXEC_JOB_HEARTBEAT_SECONDS="1")
+    lent = run(backend_pid)
+    job = django_rq.get_queue("default").enqueue(sleep_then_backend_pid, 3.5)
+    # While the horse holds the lent session, the worker beats on a second one.
+    wait_for(lambda: other_sessions() == 2, timeout=10, message="the heartbeat session")
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, timeout=15, message="the long job")
+    assert job.return_value(refresh=True) == lent
+    wait_for(lambda: other_sessions() == 1, timeout=10, message="the heartbeat session to close")
+    assert run(backend_pid) == lent
