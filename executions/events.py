@@ -17,7 +17,7 @@ import django_rq
 from django.conf import settings
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, get_current_job
 
 QUEUE_NAME = "default"
 CANCEL_FLAG_TTL = 24 * 3600
@@ -25,7 +25,12 @@ CANCEL_FLAG_TTL = 24 * 3600
 
 def redis() -> Redis:
     """One client (and connection pool) per process and queue URL: progress publishes and
-    cancel checks happen thousands of times a run, and a new connection each time is slow."""
+    cancel checks happen thousands of times a run, and a new connection each time is slow.
+    In an RQ work-horse, the worker's own client: it is connected already, and a second
+    connection would cost every job a TCP handshake and the client's greeting."""
+    job = get_current_job()
+    if job is not None:
+        return job.connection
     return _client(os.getpid(), json.dumps(settings.RQ_QUEUES[QUEUE_NAME], sort_keys=True, default=str))
 
 

@@ -351,6 +351,9 @@ def execution_finish(
             CreditLedgerEntry.objects.create(
                 account=account, kind=CreditLedgerEntry.Kind.EXECUTION, amount=-credits, execution=execution
             )
+    if job is not None:
+        for name, value in job_updates.items():
+            setattr(job, name, value)
     execution.status = outcome.status
     execution.output_data = outcome.output
     execution.error_code = error.get("error_code", "")
@@ -492,6 +495,7 @@ class JobProgress:
         self.interval = interval
         self._last_write = time.monotonic()
         self._pending: dict[str, Any] | None = None
+        self._latest: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._reported = threading.Event()
         self._ended = threading.Event()
@@ -501,7 +505,7 @@ class JobProgress:
         state = {"progress": percent, "current_step": step[:300], "step_index": step_index, "steps_total": steps_total}
         events.publish(self.job_id, {"event": "progress", "status": Job.Status.RUNNING, **state})
         with self._lock:
-            self._pending = state
+            self._pending = self._latest = state
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_latest, name=f"progress-{self.job_id}", daemon=True)
             self._writer.start()
@@ -537,15 +541,15 @@ class JobProgress:
         self._last_write = time.monotonic()
 
     def take(self) -> dict[str, Any]:
-        """Stop the writer and return the report not yet written (empty if none), for the
-        outcome's own update."""
+        """Stop the writer and return the latest report (empty if none), written or not, for
+        the outcome's own update: the row and the terminal event then agree on it."""
         self._ended.set()
         self._reported.set()
         if self._writer is not None:
             self._writer.join()
         with self._lock:
-            pending, self._pending = self._pending or {}, None
-        return pending
+            self._pending = None
+            return dict(self._latest)
 
 
 def job_run(*, job_id: str, worker_name: str = "") -> None:
@@ -554,12 +558,12 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     A job that is gone, already claimed, cancelled or finished is left alone (a duplicate
     delivery runs nothing). An owner already running their share waits for a later turn.
     """
-    job = (
-        Job.objects.select_related("execution__tool", "instance__tool", "owner__credit_account")
-        .filter(pk=job_id)
-        .first()
-    )
-    if job is None or job.status != Job.Status.QUEUED:
+    try:
+        # get(), not first(): a lookup by key needs no ORDER BY (Meta.ordering).
+        job = Job.objects.select_related("execution__tool", "instance__tool", "owner__credit_account").get(pk=job_id)
+    except Job.DoesNotExist:
+        return
+    if job.status != Job.Status.QUEUED:
         return
     if not job_claim(job=job, worker_name=worker_name):
         return
@@ -644,6 +648,7 @@ def _job_prepare(job: Job) -> tuple[Tool, dict[str, Any], dict[str, ResolvedCred
     tool_class = registry.get_tool(job.execution.tool.slug)
     if tool_class is None:
         raise ToolUnavailable()
+    instance.owner = job.owner  # loaded with its credit account: readiness needs no query for them
     readiness = readiness_check(instance=instance)
     # Credits were held when the job was accepted; what matters now is the tool and credentials.
     blocking = [c for c in readiness.failures if c.name.startswith(("tool_", "credential:"))]
@@ -681,8 +686,7 @@ def _job_end(
         job=job,
         job_fields={**(last_report or {}), "attempt_log": log},
     ):
-        job.attempt_log = log
-        events.publish(str(job.pk), job_state(job_id=str(job.pk)))
+        events.publish(str(job.pk), {"event": "state", **job_progress(job=job)})  # the row just written
 
 
 def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:

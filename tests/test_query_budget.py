@@ -243,3 +243,25 @@ def test_tools_list_takes_the_same_queries_for_few_or_many_tools(api):
 def test_tool_detail_takes_two_queries(api, django_assert_num_queries):
     with django_assert_num_queries(2):
         _ok(api.get("/api/v1/tools/json-transform/"))
+
+
+# A worker's side of an async run of a free tool: load the job (one query with its execution,
+# instance, tool, owner and credit account), claim it (lock the owner's account, count their
+# running jobs, the job, the execution: one transaction), credentials (none), then the outcome
+# (execution, job with its last report and attempt log, instance statistics: one transaction).
+JOB_RUN_BUDGET = 12
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_runs_a_free_job_in_at_most_twelve_statements(api, user, make_instance):
+    from executions.models import Job
+    from executions.services import job_run
+
+    instance = make_instance("test-noop", owner=user)
+    job_id = api.post(f"/api/v1/instances/{instance.pk}/execute-async", {}, format="json").json()["job_id"]
+
+    with CaptureQueriesContext(connection) as captured:
+        job_run(job_id=job_id, worker_name="budget")
+
+    assert Job.objects.get(pk=job_id).status == Job.Status.COMPLETED
+    assert len(captured) <= JOB_RUN_BUDGET, "\n".join(q["sql"][:120] for q in captured.captured_queries)
