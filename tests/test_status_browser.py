@@ -65,7 +65,13 @@ class Browser:
         self.find("#id_username").send_keys(username)
         self.find("#id_password").send_keys(password)
         self.find("form.stacked button[type=submit]").click()
-        self.wait(lambda d: d.current_url.endswith("/status/"), message="the overview after signing in")
+        # The address changes as soon as the redirect's answer starts; a navigation started before
+        # the overview has loaded can lose to it, so wait for the page itself.
+        self.wait(
+            lambda d: d.current_url.endswith("/status/")
+            and d.execute_script("return document.readyState") == "complete",
+            message="the overview after signing in",
+        )
 
     def screenshot(self, name: str, *, width: int = DESKTOP) -> Path:
         """The whole page at ``width`` CSS pixels (a phone's viewport when narrow)."""
