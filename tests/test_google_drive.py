@@ -19,8 +19,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import redis
-from django.conf import settings as django_settings
 from django.utils import timezone
 from pytest_httpserver import HTTPServer
 from rest_framework.test import APIClient
@@ -30,6 +28,7 @@ from executions.models import Execution, Job
 from executions.services import job_run
 from instances.models import Credential
 from tests.conftest import wait_for
+from tests.job_events import Listener
 from tools.builtin import google_drive  # noqa: F401 - registers the tool for the catalog fixture
 
 pytestmark = pytest.mark.django_db
@@ -945,34 +944,6 @@ def test_a_refresh_refused_for_this_servers_client_settings_leaves_the_credentia
 # --- Async ------------------------------------------------------------------------------------
 
 
-class EventListener:
-    """Every event published on a job's channel, collected in a thread."""
-
-    def __init__(self, job_id: str) -> None:
-        from executions import events
-
-        self.pubsub = redis.Redis.from_url(django_settings.REDIS_URL).pubsub()
-        self.pubsub.subscribe(events.channel(job_id))
-        assert self.pubsub.get_message(timeout=5)["type"] == "subscribe"
-        self.events: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while not self._stop.is_set():
-            message = self.pubsub.get_message(timeout=0.1)
-            if message and message["type"] == "message":
-                self.events.append(json.loads(message["data"]))
-
-    def close(self) -> list[dict[str, Any]]:
-        time.sleep(0.3)
-        self._stop.set()
-        self._thread.join(5)
-        self.pubsub.close()
-        return self.events
-
-
 def test_an_async_csv_download_reports_progress_by_bytes(api, drive, google):
     pytest.importorskip("tools.tabular")
     lines = ["id,name,score"] + [f"{i},person {i},{i % 100}" for i in range(60_000)]
@@ -987,9 +958,9 @@ def test_an_async_csv_download_reports_progress_by_bytes(api, drive, google):
     )
     assert response.status_code == 202, response.content
     job_id = response.json()["job_id"]
-    listener = EventListener(job_id)
+    listener = Listener(job_id)
     job_run(job_id=job_id, worker_name="test")  # the worker's side, in this process
-    events = listener.close()
+    events = listener.wait_for_terminal()
 
     downloading = [e["progress"] for e in events if e.get("current_step") == "Downloading the file"]
     assert len(downloading) >= 10, events

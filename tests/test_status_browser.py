@@ -68,8 +68,9 @@ class Browser:
         # The address changes as soon as the redirect's answer starts; a navigation started before
         # the overview has loaded can lose to it, so wait for the page itself.
         self.wait(
-            lambda d: d.current_url.endswith("/status/")
-            and d.execute_script("return document.readyState") == "complete",
+            lambda d: (
+                d.current_url.endswith("/status/") and d.execute_script("return document.readyState") == "complete"
+            ),
             message="the overview after signing in",
         )
 
