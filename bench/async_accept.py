@@ -6,15 +6,16 @@ one enqueue, counted two ways: round trips and commands in-process, commands fro
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
+
+from tests.redis_trips import redis_round_trips
 
 from .common import REDIS_URL, ROUNDS, Arms, Gunicorn, ab_rounds, free_port, ms, redis_flush, verdict, wrk
 
@@ -78,45 +79,6 @@ def fixtures() -> tuple[str, str]:
 # --- Redis, in-process: round trips and commands ---------------------------------------------
 
 
-def resp_command_names(packed: Any) -> list[str]:
-    """The command names in what redis-py writes to the socket in one go (one command, or a
-    whole pipeline): RESP arrays of bulk strings, the first of each is the name."""
-    data = packed if isinstance(packed, bytes | bytearray | memoryview) else b"".join(bytes(p) for p in packed)
-    data = bytes(data)
-    names, at = [], 0
-    while at < len(data):
-        assert data[at : at + 1] == b"*", data[at : at + 40]
-        end = data.index(b"\r\n", at)
-        count, at = int(data[at + 1 : end]), end + 2
-        for index in range(count):
-            end = data.index(b"\r\n", at)
-            length = int(data[at + 1 : end])
-            if index == 0:
-                names.append(data[end + 2 : end + 2 + length].decode().upper())
-            at = end + 2 + length + 2
-    return names
-
-
-@contextlib.contextmanager
-def redis_sent() -> Iterator[list[list[str]]]:
-    """Every write redis-py makes to any Redis socket meanwhile, as a list of round trips, each the
-    list of its command names (a pipeline is one write, so one round trip)."""
-    from redis.connection import AbstractConnection
-
-    trips: list[list[str]] = []
-    real = AbstractConnection.send_packed_command
-
-    def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
-        trips.append(resp_command_names(command))
-        return real(self, command, check_health)
-
-    AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-    try:
-        yield trips
-    finally:
-        AbstractConnection.send_packed_command = real  # type: ignore[method-assign]
-
-
 def redis_in_process(path: str, token: str, requests: int = 20) -> dict[str, dict[str, Any]]:
     """Django's test client in this process (same settings, the bench Redis index): round trips
     and commands per accept, by arm, after a warm-up request (connection set-up and RQ's one
@@ -135,10 +97,10 @@ def redis_in_process(path: str, token: str, requests: int = 20) -> dict[str, dic
             queued = events.queue().count
             per_request = []
             for _ in range(requests):
-                with redis_sent() as trips:
+                with redis_round_trips() as sent:
                     response = client.post(path, BODY, content_type="application/json", **headers)
                 assert response.status_code == 202, response.content
-                per_request.append(trips)
+                per_request.append([[command[0].decode().upper() for command in trip] for trip in sent])
             queued = events.queue().count - queued
         finally:
             undo()
