@@ -487,8 +487,8 @@ class JobProgress:
     """The progress sink of a running job. Every change is published at once; the database
     gets the latest report from a writer thread, at most once every ``interval`` seconds
     counted from the claim (which wrote the row), so a tool that reports and then blocks for a
-    while still shows its report within a second. The report not yet written when the tool
-    returns goes out with the outcome (:meth:`take`)."""
+    while still shows its report within a second. The latest report also goes out with the
+    outcome (:meth:`take`), so the row and the terminal event agree on it."""
 
     def __init__(self, job: Job, interval: float = PROGRESS_WRITE_INTERVAL) -> None:
         self.job_id = str(job.pk)
