@@ -10,7 +10,7 @@ RQ's forking worker, with three additions so no job state lies:
   heartbeat while this worker watches a job (so a busy worker still reaps, and stops a
   cancelled job that never checks). It is two indexed queries over RUNNING jobs.
 
-and two so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
+and three so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
 
 - the worker keeps one PostgreSQL connection open, *lends* it to each work-horse it forks and
   takes it back when the horse reports that it left the connection idle. A horse would
@@ -21,7 +21,12 @@ and two so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
   connection in an unknown state, which this process closes without a word to the server;
 - what the worker has built by the time it starts working (Django, the app, the catalog) is
   frozen out of the garbage collector's sight, so a collection in a horse does not walk, and
-  copy page by page, the parent's whole heap.
+  copy page by page, the parent's whole heap;
+- what every horse would otherwise do for itself the first time is done once here, before the
+  first fork: the ciphers that open a job's sealed inputs are set up (OpenSSL looks them up on
+  first use, 3 ms), and redis-py's name and version for its connection greeting are read once
+  (it reads them from the installed package's metadata for every new connection, and a horse's
+  first Redis command opens one).
 
 Job descriptions are not logged: the log carries job ids only.
 """
@@ -36,9 +41,12 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from redis.driver_info import DriverInfo
 from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.worker import Worker
+
+from instances.crypto import crypto_prepare
 
 from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
 from .services import job_heartbeat, job_horse_lost, jobs_reap
@@ -56,6 +64,7 @@ class ToolexecWorker(Worker):
         kwargs.setdefault("maintenance_interval", settings.TOOLEXEC_JOB_STALE_SECONDS // 2 or 1)
         kwargs["log_job_description"] = False
         super().__init__(*args, **kwargs)
+        self.connection.connection_pool.connection_kwargs.setdefault("driver_info", DriverInfo())
         # One byte shared with every work-horse (an anonymous shared mapping outlives fork()).
         self._handback = mmap.mmap(-1, 1)
         self._lent: Any = None  # the driver connection the current horse was forked with
@@ -68,6 +77,7 @@ class ToolexecWorker(Worker):
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
+        crypto_prepare()
         # Once, not before every fork: what this process allocates later stays collectable.
         gc.collect()
         gc.freeze()

@@ -58,6 +58,26 @@ def sleep_then_backend_pid(seconds: float) -> int:
     return backend_pid()
 
 
+def first_uses() -> dict[str, int]:
+    """What this horse finds done by the worker that forked it: the ciphers set up, and how
+    often a new Redis connection reads redis-py's version from the package metadata."""
+    from redis import utils
+    from rq import get_current_job
+
+    from instances import crypto
+
+    reads: list[int] = []
+    real = utils.get_lib_version
+    utils.get_lib_version = lambda: reads.append(1) or real()
+    try:
+        fresh = get_current_job().connection.connection_pool.make_connection()
+        fresh.connect()
+        fresh.disconnect()
+    finally:
+        utils.get_lib_version = real
+    return {"ciphers": crypto._fernet.cache_info().currsize, "metadata_reads": len(reads)}
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -101,6 +121,11 @@ def test_every_job_of_a_worker_runs_on_the_one_session_it_lends(rq_worker, make_
         wait_for(lambda job=job: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, message="the job")
         assert run(backend_pid) == first
     assert other_sessions() <= 1  # the worker's; no job left one behind
+
+
+def test_a_horse_finds_the_ciphers_and_the_redis_greeting_prepared_by_its_worker(rq_worker):
+    rq_worker()
+    assert run(first_uses) == {"ciphers": 1, "metadata_reads": 0}
 
 
 def test_a_horse_killed_mid_transaction_takes_its_session_with_it(rq_worker):
