@@ -279,3 +279,22 @@ def test_a_lost_job_of_a_tool_that_allows_it_is_retried_and_completes(api, user,
     assert [entry["error_code"] for entry in job.attempt_log] == ["WORKER_LOST", ""]
     assert int(django_rq.get_connection("default").get(attempts_key(accepted["execution_id"]))) == 2
     assert_books_consistent(instance, user, runs=1, successes=1, charged=Decimal("0"))
+
+
+def test_a_job_never_ends_alone_when_its_execution_has_already_ended(api, user, make_instance):
+    """The outcome's one statement writes the job only while its execution is unfinished, so
+    the two rows can't disagree (execution_finish; toolexec/sql.py)."""
+    from executions.services import Outcome, execution_finish, job_claim
+
+    instance = make_instance("test-noop", owner=user)
+    job = Job.objects.get(pk=start_async(api, instance, {})["job_id"])
+    assert job_claim(job=job, worker_name="test")
+    Execution.objects.filter(pk=job.execution_id).update(status=Execution.Status.CANCELLED)
+
+    done = Outcome(Execution.Status.COMPLETED, output={"echo": None})
+    assert not execution_finish(execution=job.execution, outcome=done, duration_ms=5, account=None, job=job)
+
+    job.refresh_from_db()
+    assert (job.status, job.finished_at, job.execution.status) == (Job.Status.RUNNING, None, "CANCELLED")
+    instance.refresh_from_db()
+    assert instance.execution_count == 0  # nothing after the job's write ran either

@@ -18,11 +18,12 @@ from tests.factories import UserFactory
 from toolexec.models import ApiToken
 from tools.models import ToolDefinition
 
-SYNC_RUN_BUDGET = 10
-# A priced run also holds its minimum price in the attempt's transaction (BEGIN, UPDATE, COMMIT
-# around the INSERT), so concurrent runs can't spend the same credits; usage beyond the hold
-# adds one settling UPDATE.
-PRICED_RUN_BUDGET = 12
+# The token, the instance (with its tool and the owner's credit account), the attempt, the
+# outcome (execution, instance statistics; one statement: toolexec/sql.py).
+SYNC_RUN_BUDGET = 4
+# A priced run holds its minimum price in the attempt's statement, so concurrent runs can't
+# spend the same credits, and settles it with the ledger entry in the outcome's.
+PRICED_RUN_BUDGET = 4
 
 pytestmark = pytest.mark.django_db
 
@@ -66,21 +67,19 @@ def _executions_of(instance: ToolInstance, count: int, inputs: dict) -> None:
 # --- A sync run -------------------------------------------------------------------------
 
 
-def test_sync_run_of_a_free_tool_takes_at_most_ten_queries(api, user, make_instance, django_assert_max_num_queries):
+def test_sync_run_of_a_free_tool_takes_four_queries(api, user, make_instance, django_assert_num_queries):
     instance = make_instance("test-noop", owner=user)
 
-    with django_assert_max_num_queries(SYNC_RUN_BUDGET):
+    with django_assert_num_queries(SYNC_RUN_BUDGET):
         response = api.post(f"/api/v1/instances/{instance.pk}/execute-sync", {"echo": "hi"}, format="json")
 
     assert _ok(response)["data"] == {"echo": "hi"}
 
 
-def test_sync_run_of_a_priced_tool_takes_at_most_twelve_queries(
-    api, user, make_instance, django_assert_max_num_queries
-):
+def test_sync_run_of_a_priced_tool_takes_four_queries_too(api, user, make_instance, django_assert_num_queries):
     instance = make_instance("json-transform", owner=user)
 
-    with django_assert_max_num_queries(PRICED_RUN_BUDGET):
+    with django_assert_num_queries(PRICED_RUN_BUDGET):
         response = api.post(
             f"/api/v1/instances/{instance.pk}/execute-sync", {"expression": "a", "data": {"a": 1}}, format="json"
         )
@@ -90,25 +89,23 @@ def test_sync_run_of_a_priced_tool_takes_at_most_twelve_queries(
     assert body["credits_consumed"] == pytest.approx(0.01)
 
 
-def test_sync_run_with_usage_pricing_takes_at_most_twelve_queries(
-    api, user, make_instance, django_assert_max_num_queries
-):
+def test_sync_run_with_usage_pricing_takes_four_queries_too(api, user, make_instance, django_assert_num_queries):
     instance = make_instance("test-priced", owner=user)
 
-    with django_assert_max_num_queries(PRICED_RUN_BUDGET):
+    with django_assert_num_queries(PRICED_RUN_BUDGET):
         response = api.post(f"/api/v1/instances/{instance.pk}/execute-sync", {"units": 2}, format="json")
 
     assert _ok(response)["credits_consumed"] == pytest.approx(1.01)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_priced_sync_run_outside_a_test_transaction_takes_at_most_twelve_queries(
-    api, user, make_instance, django_assert_max_num_queries
+def test_priced_sync_run_outside_a_test_transaction_takes_four_queries(
+    api, user, make_instance, django_assert_num_queries
 ):
     """As in production: no surrounding test transaction, so no savepoints in the count."""
     instance = make_instance("json-transform", owner=user)
 
-    with django_assert_max_num_queries(PRICED_RUN_BUDGET):
+    with django_assert_num_queries(PRICED_RUN_BUDGET):
         response = api.post(
             f"/api/v1/instances/{instance.pk}/execute-sync", {"expression": "a", "data": {"a": 1}}, format="json"
         )
@@ -248,12 +245,12 @@ def test_tool_detail_takes_two_queries(api, django_assert_num_queries):
 # A worker's side of an async run of a free tool: load the job (one query with its execution,
 # instance, tool, owner and credit account), claim it (lock the owner's account, count their
 # running jobs, the job, the execution: one transaction), credentials (none), then the outcome
-# (execution, job with its last report and attempt log, instance statistics: one transaction).
-JOB_RUN_BUDGET = 12
+# (job with its last report and attempt log, execution, instance statistics: one statement).
+JOB_RUN_BUDGET = 8
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_worker_runs_a_free_job_in_at_most_twelve_statements(api, user, make_instance):
+def test_a_worker_runs_a_free_job_in_at_most_eight_statements(api, user, make_instance):
     from executions.models import Job
     from executions.services import job_run
 
