@@ -22,8 +22,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import Exists, F, Q, Value
+from django.db.models import Count, Exists, F, Q, Subquery, Value
 from django.db.models.functions import Coalesce
+from django.db.models.lookups import LessThan
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.command import send_stop_job_command
@@ -561,14 +562,8 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     A job that is gone, already claimed, cancelled or finished is left alone (a duplicate
     delivery runs nothing). An owner already running their share waits for a later turn.
     """
-    try:
-        # get(), not first(): a lookup by key needs no ORDER BY (Meta.ordering).
-        job = Job.objects.select_related("execution__tool", "instance__tool", "owner__credit_account").get(pk=job_id)
-    except Job.DoesNotExist:
-        return
-    if job.status != Job.Status.QUEUED:
-        return
-    if not job_claim(job=job, worker_name=worker_name):
+    job = job_claim(job_id=job_id, worker_name=worker_name)
+    if job is None:
         return
     execution, definition = job.execution, job.execution.tool
     params = {"tool": definition.name, "instance_id": str(job.instance_id or "")}
@@ -614,33 +609,52 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     _job_end(job, outcome, duration_ms, account, last_report)
 
 
-def job_claim(*, job: Job, worker_name: str) -> bool:
-    """QUEUED → RUNNING with a conditional update, unless the owner already runs their share
-    of jobs (TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER): then the job waits for a later turn."""
+def job_claim(*, job_id: str, worker_name: str) -> Job | None:
+    """QUEUED → RUNNING, unless the owner already runs their share of jobs
+    (TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER): then the job waits for a later turn. Returns the
+    claimed job, loaded with what running it needs, or None.
+
+    One claim at a time per owner, so two workers can't both take the last free place: the
+    job is loaded with a lock on its owner's row, then claimed (job and execution) in one
+    statement, whose snapshot, taken under the lock, counts every claim made before.
+    """
     now = timezone.now()
     with transaction.atomic():
-        # One claim at a time per owner, so two workers can't both take the last free place.
-        CreditAccount.objects.select_for_update().filter(owner_id=job.owner_id).first()
-        running = Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING).count()
-        if running >= settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER:
-            transaction.on_commit(lambda: _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS))
-            return False
-        claimed = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
-            status=Job.Status.RUNNING,
-            worker_name=worker_name[:200],
-            attempts=F("attempts") + 1,
-            started_at=now,
-            heartbeat_at=now,
-            updated_at=now,
+        jobs = Job.objects.select_related("execution__tool", "instance__tool", "owner__credit_account")
+        try:
+            # get(), not first(): a lookup by key needs no ORDER BY (Meta.ordering).
+            job = jobs.select_for_update(of=("owner",), no_key=True).get(pk=job_id)
+        except Job.DoesNotExist:
+            return None
+        if job.status != Job.Status.QUEUED:
+            return None
+        running = Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING).order_by()
+        running = running.values("owner_id").annotate(n=Count("*")).values("n")
+        free_place = LessThan(Coalesce(Subquery(running), 0), settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER)
+        claim = {
+            "status": Job.Status.RUNNING,
+            "worker_name": worker_name[:200],
+            "attempts": F("attempts") + 1,
+            "started_at": now,
+            "heartbeat_at": now,
+            "updated_at": now,
+        }
+        start = {"status": Execution.Status.RUNNING, "started_at": Coalesce("started_at", Value(now))}
+        claimed = writes_chained(
+            [
+                Update("job", Job.objects.filter(free_place, pk=job.pk, status=Job.Status.QUEUED), claim),
+                Update("execution", Execution.objects.filter(pk=job.execution_id), start, after="job"),
+            ]
         )
-        if not claimed:
-            return False
-        Execution.objects.filter(pk=job.execution_id).update(
-            status=Execution.Status.RUNNING, started_at=Coalesce("started_at", Value(now))
-        )
+    if not claimed["job"]:
+        if Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).exists():  # not taken meanwhile
+            _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS)
+        return None
     job.status, job.worker_name, job.attempts, job.started_at = Job.Status.RUNNING, worker_name, job.attempts + 1, now
+    job.execution.status = Execution.Status.RUNNING
+    job.execution.started_at = job.execution.started_at or now
     events.publish(str(job.pk), {"event": "state", "status": Job.Status.RUNNING, "progress": job.progress})
-    return True
+    return job
 
 
 def _job_prepare(job: Job) -> tuple[Tool, dict[str, Any], dict[str, ResolvedCredential]]:

@@ -288,7 +288,7 @@ def test_a_job_never_ends_alone_when_its_execution_has_already_ended(api, user, 
 
     instance = make_instance("test-noop", owner=user)
     job = Job.objects.get(pk=start_async(api, instance, {})["job_id"])
-    assert job_claim(job=job, worker_name="test")
+    assert job_claim(job_id=job.pk, worker_name="test")
     Execution.objects.filter(pk=job.execution_id).update(status=Execution.Status.CANCELLED)
 
     done = Outcome(Execution.Status.COMPLETED, output={"echo": None})

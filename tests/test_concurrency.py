@@ -8,6 +8,7 @@ thread ends) and a barrier releases them together so the requests really overlap
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -217,3 +218,52 @@ def _sync_or_error():
         return catalog_sync()
     except DatabaseError as exc:
         return exc
+
+
+class _OverlapProbeTool(Tool):
+    """Counts how many of its runs overlap in this process, holding each run for a moment."""
+
+    slug = "test-overlap-probe"
+    name = "Test Overlap Probe"
+    input_schema = {"type": "object"}
+    modes = frozenset({"async"})
+    lock = threading.Lock()
+    running = most = 0
+
+    def run(self, inputs: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        cls = type(self)
+        with cls.lock:
+            cls.running += 1
+            cls.most = max(cls.most, cls.running)
+        time.sleep(0.3)
+        with cls.lock:
+            cls.running -= 1
+        return {}
+
+
+@pytest.mark.redis
+def test_workers_claiming_one_owners_jobs_at_once_run_exactly_their_share(user, make_instance, settings):
+    """Claims of one owner's jobs take their turns (a lock on the owner, then the count and the
+    claim: executions.services.job_claim), so exactly the share runs and the rest wait."""
+    from executions.models import Job
+    from executions.services import execution_enqueue, job_run
+
+    settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER = 2
+    registry.register(_OverlapProbeTool)
+    try:
+        catalog_sync()
+        instance = make_instance(_OverlapProbeTool.slug, owner=user)
+        ids = [str(execution_enqueue(instance=instance, inputs={}).job.pk) for _ in range(12)]
+        run_together(len(ids), lambda i: job_run(job_id=ids[i], worker_name=f"worker-{i}"))
+    finally:
+        registry.unregister(_OverlapProbeTool.slug)
+
+    assert _OverlapProbeTool.most == 2
+    jobs = Job.objects.filter(pk__in=ids)
+    assert not jobs.filter(status=Job.Status.RUNNING).exists()
+    done, waiting = jobs.filter(status=Job.Status.COMPLETED), jobs.filter(status=Job.Status.QUEUED)
+    assert done.count() + waiting.count() == len(ids)
+    # A job that got no place waits for a later turn as it was queued.
+    assert {(job.attempts, job.execution.status, job.execution.started_at) for job in waiting} == {(0, "PENDING", None)}
+    assert {job.attempts for job in done} == {1}
+    assert done.count() >= 2

@@ -698,7 +698,7 @@ def test_cancelling_a_queued_job_from_its_page(page, long_task, user):
 @pytest.mark.redis
 def test_cancelling_a_running_job_from_its_page_asks_it_to_stop(page, long_task, user):
     accepted = execution_enqueue(instance=instance_list(owner=user).get(pk=long_task.pk), inputs={"steps": 2})
-    assert job_claim(job=accepted.job, worker_name="test")
+    assert job_claim(job_id=accepted.job.pk, worker_name="test")
     response = page.post(f"/status/jobs/{accepted.job.pk}/cancel/", follow=True)
     assert "Cancelling: the job stops at its next check." in text(response)
     assert Job.objects.get(pk=accepted.job.pk).cancel_requested_at is not None
@@ -714,7 +714,7 @@ def test_cancelling_a_job_that_ended_says_so(page, long_task):
 @pytest.mark.redis
 def test_cancelling_while_the_queue_is_down_says_what_happens_next(page, settings, long_task, user):
     accepted = execution_enqueue(instance=instance_list(owner=user).get(pk=long_task.pk), inputs={"steps": 2})
-    assert job_claim(job=accepted.job, worker_name="test")
+    assert job_claim(job_id=accepted.job.pk, worker_name="test")
     settings.RQ_QUEUES = DEAD_REDIS
     response = page.post(f"/status/jobs/{accepted.job.pk}/cancel/", follow=True)
     assert response.status_code == 200
