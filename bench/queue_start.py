@@ -1,6 +1,7 @@
 """Benchmark 3: queue-to-start latency. With an idle worker, the time from the 202 of
 ``execute-async`` (through gunicorn) to the tool's first line, against bare RQ: from the return
-of ``Queue.enqueue`` to the no-op function's first line, on RQ's own forking ``Worker``."""
+of ``Queue.enqueue`` to the no-op function's first line, on RQ's own forking ``Worker``; and
+beside them the floor (bench/floor_rq.py): a bare RQ job that claims a row first."""
 
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ def bare_submit(key: str) -> tuple[float, str, str]:
     return time.time(), job_id, job_id
 
 
+def floor_submit(key: str) -> tuple[float, str, str]:
+    """(time ``Queue.enqueue`` returned, RQ job id, RQ job id); its row is inserted before."""
+    [job_id] = workers.floor_enqueue(key)
+    return time.time(), job_id, job_id
+
+
 def spaced_jobs(submit: Any, worker: workers.RQWorker, count: int, rng: random.Random) -> dict[str, Any]:
     """``count`` jobs one at a time, each sent to an idle worker after a gap; the latencies in ms."""
     redis = workers.redis_client()
@@ -79,8 +86,8 @@ def measure() -> dict[str, Any]:
         workers.queue_empty(arm)
     server = Gunicorn()
     client = ProductClient(server, instance, token)
-    started = [workers.RQWorker("product"), workers.RQWorker("bare")]
-    product, bare = started
+    started = [workers.RQWorker("product"), workers.RQWorker("floor"), workers.RQWorker("bare")]
+    product, floor, bare = started
     rng = random.Random(3)
     try:
         for worker in started:
@@ -88,6 +95,7 @@ def measure() -> dict[str, Any]:
         arms = ab_rounds(
             {
                 "product": lambda: spaced_jobs(client.submit, product, JOBS_PER_ROUND, rng),
+                "floor": lambda: spaced_jobs(floor_submit, floor, JOBS_PER_ROUND, rng),
                 "bare": lambda: spaced_jobs(bare_submit, bare, JOBS_PER_ROUND, rng),
             }
         )
@@ -117,8 +125,13 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "latency runs from the client's reading of the 202 to the `time.time()` the tool takes at its first "
         "line (recorded in a Redis list the client waits on). *bare*: `Queue.enqueue` of a no-op function "
         "(`bench/bare_rq.py`) run by `rq worker --worker-class rq.Worker --with-scheduler` (RQ's own CLI, no "
-        "Django), from the return of `enqueue` to the function's first line. Both workers forking, both alive "
-        f"through the whole benchmark on their own queues. One warm-up round per arm, then {ROUNDS} rounds of "
+        "Django), from the return of `enqueue` to the function's first line. *floor* (not a target: what a job "
+        "with a durable record costs by itself): `Queue.enqueue` of `bench/floor_rq.py`'s `recorded_noop` after "
+        "inserting its row, run by `rq worker --worker-class bench.floor_rq.FloorWorker --with-scheduler` (RQ's "
+        "`Worker` lending one psycopg2 connection to its horses, no Django); the job claims its row with a "
+        "committed UPDATE, then takes its first line, then records its outcome with another. Every worker "
+        "forking, all alive through the whole benchmark on their own queues. "
+        f"One warm-up round per arm, then {ROUNDS} rounds of "
         f"{jobs} jobs alternating the order: p50 and p99 over all {ROUNDS * jobs} jobs of an arm, and the "
         "median and p99 over rounds of each round's p50.",
         "",
@@ -133,9 +146,12 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         )
     p50_ratio = median(pooled(arms, "product")) / median(pooled(arms, "bare"))
     p99_ratio = p99(pooled(arms, "product")) / p99(pooled(arms, "bare"))
+    floor = median(pooled(arms, "floor"))
     lines += [
         "",
-        f"p50 product / bare: {p50_ratio:.2f}×; p99: {p99_ratio:.2f}×.",
+        f"p50 product / bare: {p50_ratio:.2f}×; p99: {p99_ratio:.2f}×. "
+        f"p50 floor / bare: {floor / median(pooled(arms, 'bare')):.2f}×; "
+        f"product / floor: {median(pooled(arms, 'product')) / floor:.2f}×.",
         "",
     ]
     verdicts = [

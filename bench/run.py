@@ -44,10 +44,11 @@ def prepare() -> None:
     from django.db import connection
 
     from bench.baseline.views import TABLES_SQL
+    from bench.floor_rq import TABLE_SQL
 
     call_command("migrate", verbosity=0)  # post_migrate syncs the catalog, bench tools included
     with connection.cursor() as cursor:
-        cursor.execute(TABLES_SQL)
+        cursor.execute(TABLES_SQL + TABLE_SQL)
 
 
 def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], command: str, notes: list[str]) -> str:

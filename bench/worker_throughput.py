@@ -37,6 +37,8 @@ def steady_rate(records: list[dict[str, Any]]) -> tuple[float, int, float]:
 def enqueue(arm: str, instance: Any, key: str, count: int) -> list[str]:
     if arm == "product":
         return workers.product_enqueue(instance, key, count)
+    if arm == "floor":
+        return workers.floor_enqueue(key, count)
     return workers.bare_enqueue(key, count)
 
 
@@ -101,7 +103,11 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "accepted with `executions.services.execution_enqueue` (the service behind execute-async), run by "
         "`manage.py rqworker default --with-scheduler --worker-class executions.worker.ToolexecWorker`. "
         "*bare*: a no-op function (`bench/bare_rq.py`) enqueued with `Queue.enqueue`, run by `rq worker "
-        "--worker-class rq.Worker --with-scheduler` (RQ's own CLI, no Django). Both arms' jobs record the "
+        "--worker-class rq.Worker --with-scheduler` (RQ's own CLI, no Django). *floor* (not a target: what a "
+        "job with a durable record costs by itself): `bench/floor_rq.py`'s `recorded_noop`, its rows inserted "
+        "with the jobs, run by `rq worker --worker-class bench.floor_rq.FloorWorker --with-scheduler` (RQ's "
+        "`Worker` lending one psycopg2 connection to its horses): a committed UPDATE claims the row, then the "
+        "first line, then a committed UPDATE records the outcome. Every arm's jobs record the "
         "`time.time()` of their first line and their worker in a Redis list. The rate is counted while every "
         "process of the arm was working: first lines from the latest of the processes' first job to the "
         "earliest of their last job (the up to 1 s a suspended worker takes to notice the resume, and the "
@@ -130,6 +136,12 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"| {verdict(ratio >= TARGET['per_process_ratio_min'])} |"
         )
     lines.append("")
+    for processes, arms in by_processes.items():
+        floor, bare = arms.median("floor", "per_process"), arms.median("bare", "per_process")
+        lines.append(
+            f"- {processes} process{'es' if processes > 1 else ''}, per process: floor / bare {floor / bare:.0%}, "
+            f"product / floor {arms.median('product', 'per_process') / floor:.0%}"
+        )
     for arm in workers.ARMS:
         scaling = by_processes[2].median(arm, "rate") / by_processes[1].median(arm, "rate")
         lines.append(f"- {arm}: 2 processes / 1 process = {scaling:.2f}×")

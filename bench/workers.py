@@ -4,10 +4,14 @@ first-line records their jobs write, and the fixtures of the product arm.
 - *product*: ``manage.py rqworker default --with-scheduler --worker-class
   executions.worker.ToolexecWorker``, as the README starts it (bench settings, so the bench
   tools exist), running ``executions.jobs.run`` for jobs accepted by the product;
+- *floor*: ``rq worker --worker-class bench.floor_rq.FloorWorker`` (RQ's ``Worker`` with one
+  PostgreSQL connection lent to its horses, no Django) on ``bench-floor``, running
+  ``bench.floor_rq.recorded_noop``: a claim and an outcome, each a committed UPDATE;
 - *bare*: ``rq worker --worker-class rq.Worker --with-scheduler`` (RQ's own CLI, no Django) on
   the queue ``bench-bare``, running ``bench.bare_rq.noop`` enqueued with ``Queue.enqueue``.
 
-``ToolexecWorker`` is a subclass of ``rq.Worker``: both arms fork a work-horse per job.
+``ToolexecWorker`` and ``FloorWorker`` are subclasses of ``rq.Worker``: every arm forks a
+work-horse per job.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from . import bare_rq
-from .common import REDIS_URL, ROOT, subprocess_env
+from . import bare_rq, floor_rq
+from .common import REDIS_URL, ROOT, database_url, subprocess_env
 
-ARMS = ("product", "bare")
+ARMS = ("product", "floor", "bare")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PRODUCT_QUEUE = "default"  # executions.events.QUEUE_NAME
 
@@ -53,10 +57,15 @@ class RQWorker:
                 "--worker-class", "executions.worker.ToolexecWorker", "--name", self.name,
             ]  # fmt: skip
         else:
+            worker_class, queue = {
+                "floor": ("bench.floor_rq.FloorWorker", floor_rq.QUEUE),
+                "bare": ("rq.Worker", bare_rq.QUEUE),
+            }[arm]
             command = [
-                sys.executable, "-m", "rq.cli", "worker", "--url", REDIS_URL, "--worker-class", "rq.Worker",
-                "--with-scheduler", "--name", self.name, bare_rq.QUEUE,
+                sys.executable, "-m", "rq.cli", "worker", "--url", REDIS_URL, "--worker-class", worker_class,
+                "--with-scheduler", "--name", self.name, queue,
             ]  # fmt: skip
+        env = {**(env or {}), floor_rq.DSN_VARIABLE: database_url()} if arm == "floor" else env
         if burst:
             command.append("--burst")
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{arm}-worker-", suffix=".log", delete=False)
@@ -200,6 +209,18 @@ def bare_enqueue(key: str, count: int = 1) -> list[str]:
     return [queue.enqueue(bare_rq.noop, key).id for _ in range(count)]
 
 
+def floor_enqueue(key: str, count: int = 1) -> list[str]:
+    """``count`` QUEUED rows and their jobs of ``recorded_noop``, with plain ``Queue.enqueue``;
+    the RQ ids."""
+    from django.db import connection
+    from rq import Queue
+
+    with connection.cursor() as cursor:
+        rows = floor_rq.rows_insert(cursor, count)
+    queue = Queue(floor_rq.QUEUE, connection=redis_client())
+    return [queue.enqueue(floor_rq.recorded_noop, key, row).id for row in rows]
+
+
 def product_instance(label: str) -> Any:
     """An ACTIVE instance of ``bench-first-line`` owned by a fresh user (with the default credits)."""
     from django.contrib.auth import get_user_model
@@ -240,5 +261,5 @@ def queue_empty(arm: str) -> None:
     """Nothing left of an earlier round on the arm's queue."""
     from rq import Queue
 
-    name = PRODUCT_QUEUE if arm == "product" else bare_rq.QUEUE
+    name = {"product": PRODUCT_QUEUE, "floor": floor_rq.QUEUE, "bare": bare_rq.QUEUE}[arm]
     Queue(name, connection=redis_client()).empty()
