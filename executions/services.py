@@ -22,9 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import Count, Exists, F, Q, Subquery, Value
-from django.db.models.functions import Coalesce
-from django.db.models.lookups import LessThan
+from django.db.models import Exists, F, Q
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.command import send_stop_job_command
@@ -32,7 +30,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.timeouts import JobTimeoutException
 
-from instances.crypto import seal, unseal
+from instances.crypto import crypto_prepare, seal, unseal
 from instances.models import CreditAccount, ToolInstance
 from instances.providers import provider_display
 from instances.readiness import Readiness, readiness_check
@@ -67,6 +65,7 @@ from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
 
 from . import events
 from .events import QUEUE_NAME
+from .job_sql import job_claim_locked, job_load_locked, job_sql_prepare
 from .models import CreditLedgerEntry, Execution, Job, Mode
 
 logger = logging.getLogger(__name__)
@@ -609,6 +608,13 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     _job_end(job, outcome, duration_ms, account, last_report)
 
 
+def job_run_prepare() -> None:
+    """What every run of a job needs and each process would otherwise build on its first job:
+    a worker does it once, before it forks the work-horses that inherit it."""
+    crypto_prepare()
+    job_sql_prepare()
+
+
 def job_claim(*, job_id: str, worker_name: str) -> Job | None:
     """QUEUED → RUNNING, unless the owner already runs their share of jobs
     (TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER): then the job waits for a later turn. Returns the
@@ -620,33 +626,12 @@ def job_claim(*, job_id: str, worker_name: str) -> Job | None:
     """
     now = timezone.now()
     with transaction.atomic():
-        jobs = Job.objects.select_related("execution__tool", "instance__tool", "owner__credit_account")
-        try:
-            # get(), not first(): a lookup by key needs no ORDER BY (Meta.ordering).
-            job = jobs.select_for_update(of=("owner",), no_key=True).get(pk=job_id)
-        except Job.DoesNotExist:
+        job = job_load_locked(job_id)
+        if job is None or job.status != Job.Status.QUEUED:
             return None
-        if job.status != Job.Status.QUEUED:
-            return None
-        running = Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING).order_by()
-        running = running.values("owner_id").annotate(n=Count("*")).values("n")
-        free_place = LessThan(Coalesce(Subquery(running), 0), settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER)
-        claim = {
-            "status": Job.Status.RUNNING,
-            "worker_name": worker_name[:200],
-            "attempts": F("attempts") + 1,
-            "started_at": now,
-            "heartbeat_at": now,
-            "updated_at": now,
-        }
-        start = {"status": Execution.Status.RUNNING, "started_at": Coalesce("started_at", Value(now))}
-        claimed = writes_chained(
-            [
-                Update("job", Job.objects.filter(free_place, pk=job.pk, status=Job.Status.QUEUED), claim),
-                Update("execution", Execution.objects.filter(pk=job.execution_id), start, after="job"),
-            ]
-        )
-    if not claimed["job"]:
+        share = settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER
+        claimed = job_claim_locked(job, worker_name=worker_name, share=share, now=now)
+    if not claimed:
         if Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).exists():  # not taken meanwhile
             _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS)
         return None

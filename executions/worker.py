@@ -23,10 +23,11 @@ and three so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4
   frozen out of the garbage collector's sight, so a collection in a horse does not walk, and
   copy page by page, the parent's whole heap;
 - what every horse would otherwise do for itself the first time is done once here, before the
-  first fork: the ciphers that open a job's sealed inputs are set up (OpenSSL looks them up on
-  first use, 3 ms), and redis-py's name and version for its connection greeting are read once
-  (it reads them from the installed package's metadata for every new connection, and a horse's
-  first Redis command opens one).
+  first fork (``job_run_prepare``): the ciphers that open a job's sealed inputs are set up
+  (OpenSSL looks them up on first use, 3 ms) and the statement that loads a job is written
+  (compiling it took a horse 3.8 ms); and redis-py's name and version for its connection
+  greeting are read once (it reads them from the installed package's metadata for every new
+  connection, and a horse's first Redis command opens one).
 
 Job descriptions are not logged: the log carries job ids only.
 """
@@ -46,10 +47,8 @@ from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.worker import Worker
 
-from instances.crypto import crypto_prepare
-
 from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
-from .services import job_heartbeat, job_horse_lost, jobs_reap
+from .services import job_heartbeat, job_horse_lost, job_run_prepare, jobs_reap
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class ToolexecWorker(Worker):
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
-        crypto_prepare()
+        job_run_prepare()
         # Once, not before every fork: what this process allocates later stays collectable.
         gc.collect()
         gc.freeze()

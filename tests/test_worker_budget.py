@@ -59,11 +59,13 @@ def sleep_then_backend_pid(seconds: float) -> int:
 
 
 def first_uses() -> dict[str, int]:
-    """What this horse finds done by the worker that forked it: the ciphers set up, and how
-    often a new Redis connection reads redis-py's version from the package metadata."""
+    """What this horse finds done by the worker that forked it: the ciphers set up, a job's
+    load and claim statements written, and how often a new Redis connection reads redis-py's
+    version from the package metadata."""
     from redis import utils
     from rq import get_current_job
 
+    from executions import job_sql
     from instances import crypto
 
     reads: list[int] = []
@@ -75,7 +77,8 @@ def first_uses() -> dict[str, int]:
         fresh.disconnect()
     finally:
         utils.get_lib_version = real
-    return {"ciphers": crypto._fernet.cache_info().currsize, "metadata_reads": len(reads)}
+    statements = job_sql._loader.cache_info().currsize + job_sql._claim_sql.cache_info().currsize
+    return {"ciphers": crypto._fernet.cache_info().currsize, "statements": statements, "metadata_reads": len(reads)}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -123,9 +126,9 @@ def test_every_job_of_a_worker_runs_on_the_one_session_it_lends(rq_worker, make_
     assert other_sessions() <= 1  # the worker's; no job left one behind
 
 
-def test_a_horse_finds_the_ciphers_and_the_redis_greeting_prepared_by_its_worker(rq_worker):
+def test_a_horse_finds_the_ciphers_statements_and_redis_greeting_prepared_by_its_worker(rq_worker):
     rq_worker()
-    assert run(first_uses) == {"ciphers": 1, "metadata_reads": 0}
+    assert run(first_uses) == {"ciphers": 1, "statements": 2, "metadata_reads": 0}
 
 
 def test_a_horse_killed_mid_transaction_takes_its_session_with_it(rq_worker):
