@@ -46,7 +46,12 @@ class Browser:
         self.shots: list[Path] = []
 
     def get(self, path: str) -> None:
+        before = self.driver.current_url
         self.driver.get(self.base_url + path)
+        if self.driver.current_url == before != self.base_url + path:
+            # Lost to a navigation still finishing (seen once in CI, right after signing in:
+            # the overview, loaded again, took this one's place): go again.
+            self.driver.get(self.base_url + path)
 
     def js(self, script: str, *args: Any) -> Any:
         return self.driver.execute_script(script, *args)
