@@ -17,8 +17,9 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db import DEFAULT_DB_ALIAS, connections
-from django.db.models import Model
+from django.db.models import F, Model, Value
 from django.db.models.expressions import Col
+from django.db.models.functions import Coalesce
 
 from instances.models import CreditAccount, ToolInstance
 from tools.models import ToolDefinition
@@ -100,6 +101,16 @@ def job_claim_locked(job: Job, *, worker_name: str, share: int, now: datetime, a
     """QUEUED → RUNNING, the job and its execution in one statement, if its owner runs fewer
     than ``share`` jobs; whether it was claimed. Counts right only under the owner's lock
     (``job_load_locked`` in the same transaction): the statement's snapshot is taken after it."""
+    if not _written_once(alias):
+        if Job.objects.using(alias).filter(owner_id=job.owner_id, status=Job.Status.RUNNING).count() >= share:
+            return False
+        claim = {"worker_name": worker_name[:200], "attempts": F("attempts") + 1, "started_at": now}
+        queued = Job.objects.using(alias).filter(pk=job.pk, status=Job.Status.QUEUED)
+        if not queued.update(status=Job.Status.RUNNING, heartbeat_at=now, updated_at=now, **claim):
+            return False
+        execution = Execution.objects.using(alias).filter(pk=job.execution_id)
+        execution.update(status=Execution.Status.RUNNING, started_at=Coalesce("started_at", Value(now)))
+        return True
     params = [
         Job.Status.RUNNING, worker_name[:200], now, now, now,
         job.pk, Job.Status.QUEUED, Job.Status.RUNNING, share,
@@ -110,11 +121,23 @@ def job_claim_locked(job: Job, *, worker_name: str, share: int, now: datetime, a
         return cursor.rowcount == 1
 
 
+def _written_once(alias: str) -> bool:
+    """PostgreSQL runs the statements below; elsewhere (SQLite, the development default: no row
+    locks, no UPDATE in WITH, and one writer at a time anyway) the ORM does the same work."""
+    return connections[alias].vendor == "postgresql"
+
+
 def job_load_locked(job_id: Any, alias: str = DEFAULT_DB_ALIAS) -> Job | None:
     """The job with its execution and the execution's tool, its instance (the same tool), its
     owner and the owner's credit account, the owner's row locked (FOR NO KEY UPDATE) until the
     transaction this runs in ends; None if there is no such job. What
     ``select_related("execution__tool", "instance__tool", "owner__credit_account")`` would load."""
+    if not _written_once(alias):
+        jobs = Job.objects.using(alias).select_related("execution__tool", "instance__tool", "owner__credit_account")
+        try:
+            return jobs.select_for_update(of=("owner",), no_key=True).get(pk=job_id)
+        except Job.DoesNotExist:
+            return None
     connection = connections[alias]
     sql, parts = _loader(alias)
     with connection.cursor() as cursor:

@@ -85,3 +85,33 @@ def test_the_owner_stays_locked_until_the_transaction_ends(make_instance, user):
             job_load_locked(job.pk)
             assert other.submit(_try_lock_owner, user.pk).result() == "refused"
         assert other.submit(_try_lock_owner, user.pk).result() == "locked it"
+
+
+@pytest.fixture(params=["written once", "through the ORM"])
+def claim_form(request, monkeypatch):
+    """Both forms of the load and the claim: the statements PostgreSQL runs, and the ORM's,
+    which SQLite (the development default) runs."""
+    from executions import job_sql
+
+    if request.param == "through the ORM":
+        monkeypatch.setattr(job_sql, "_written_once", lambda alias: False)
+    return request.param
+
+
+@pytest.mark.django_db(transaction=True)
+def test_either_form_claims_runs_and_records_a_job(claim_form, make_instance, user, settings):
+    from executions.services import job_run
+
+    first, second = accepted_job(make_instance, user), accepted_job(make_instance, user)
+    settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER = 1
+    Job.objects.filter(pk=second.pk).update(status=Job.Status.RUNNING)  # the owner's one place, taken
+
+    job_run(job_id=str(first.pk), worker_name="w")
+    assert Job.objects.get(pk=first.pk).status == Job.Status.QUEUED  # waits for a later turn
+
+    Job.objects.filter(pk=second.pk).update(status=Job.Status.QUEUED)
+    job_run(job_id=str(first.pk), worker_name="w")
+    done = Job.objects.select_related("execution").get(pk=first.pk)
+    assert (done.status, done.attempts, done.worker_name) == (Job.Status.COMPLETED, 1, "w")
+    assert done.execution.status == "COMPLETED" and done.execution.started_at is not None
+    assert done.execution.output_data == {"echo": "x"}
