@@ -29,7 +29,8 @@ os.environ.setdefault("BENCH_DB", "toolexec_phases")
 os.environ.setdefault("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 OUT = os.environ.get("HORSE_PHASES_DIR", os.path.join(tempfile.gettempdir(), "horse-phases"))
 
-# (module, owner attribute or None, function, label): the phases of executions.jobs.run.
+# (module, owner attribute or None, function, label): the phases of executions.jobs.run, then
+# (indented) parts of them.
 PHASES = [
     ("rq.worker.base", "BaseWorker", "prepare_job_execution", "RQ: prepare"),
     ("executions.services", None, "job_claim", "load + claim"),
@@ -37,6 +38,12 @@ PHASES = [
     ("bench.tools", "BenchFirstLineTool", "run", "the tool"),
     ("executions.services", None, "_job_end", "outcome"),
     ("rq.worker.base", "BaseWorker", "handle_job_success", "RQ: success"),
+    ("executions.services", None, "job_load_locked", "  load"),
+    ("executions.services", None, "job_claim_locked", "  claim"),
+    ("executions.services", None, "readiness_check", "  readiness"),
+    ("executions.services", None, "unseal", "  unseal"),
+    ("executions.outcome_sql", None, "_params", "  outcome's values"),
+    ("executions.events", None, "publish", "  publish (both)"),
 ]
 _spent: dict[str, list[float]] = {}
 
@@ -76,6 +83,7 @@ def phase_worker() -> type:
     class PhaseWorker(ToolexecWorker):
         def main_work_horse(self, job: Any, queue: Any) -> None:
             started, exit_ = _snap(), os._exit
+            _spent.clear()  # what the worker itself timed before it forked is not the horse's
 
             def record_then_exit(code: int) -> None:
                 ended = _snap()

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import Exists, F, Q
+from django.db.models import F, Q
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.command import send_stop_job_command
@@ -41,12 +41,11 @@ from instances.services import (
     credentials_resolve,
     credits_balance,
     credits_hold,
-    credits_settle,
     credits_words,
     file_opener,
 )
 from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
-from toolexec.sql import Insert, Update, writes_chained
+from toolexec.sql import Insert, writes_chained
 from tools import registry
 from tools.errors import (
     Cancelled,
@@ -67,6 +66,7 @@ from . import events
 from .events import QUEUE_NAME
 from .job_sql import job_claim_locked, job_load_locked, job_sql_prepare
 from .models import CreditLedgerEntry, Execution, Job, Mode
+from .outcome_sql import Finish, outcome_sql_prepare, outcome_write
 
 logger = logging.getLogger(__name__)
 
@@ -305,60 +305,44 @@ def execution_finish(
     Returns False (and writes nothing) when the execution or the job had already reached a
     terminal state: a late report never overwrites one.
 
-    On PostgreSQL the writes are one statement (``writes_chained``): one round trip, where a
-    transaction of four writes took six. Each write runs only if the one it depends on
-    changed its row: the job's (if any), then the execution's, then the rest.
+    On PostgreSQL the writes are one statement, its SQL written once per process
+    (``outcome_sql``): one round trip, where a transaction of four writes took six. Each write
+    runs only if the one it depends on changed its row: the job's (if any), then the
+    execution's, then the rest.
     """
     now = timezone.now()
     error = outcome.error or {}
-    credits = outcome.credits
     succeeded = outcome.status == Execution.Status.COMPLETED
-    unfinished = [Execution.Status.PENDING, Execution.Status.RUNNING]
-    writes: list[Update | Insert] = []
+    job_updates: dict[str, Any] = {}
     if job is not None:
-        job_updates: dict[str, Any] = {**(job_fields or {}), "status": outcome.status}
-        job_updates.update(finished_at=now, updated_at=now)
+        job_updates = {**(job_fields or {}), "status": outcome.status, "finished_at": now, "updated_at": now}
         if succeeded:
             # Done with them; a failed, cancelled or timed-out job keeps its (sealed) inputs
             # so an operator can retry it as a new run (job_retry_as_new).
-            job_updates["progress"] = 100
-            job_updates["sealed_inputs"] = ""
-        # Both rows end together or not at all: the job only while its execution is unfinished.
-        still_open = Exists(Execution.objects.filter(pk=execution.pk, status__in=unfinished))
-        writes.append(Update("job", Job.objects.filter(still_open, pk=job.pk, status__in=job_from), job_updates))
+            job_updates.update(progress=100, sealed_inputs="")
     execution_updates = {
         "status": outcome.status,
         "output_data": outcome.output,
         "error_code": error.get("error_code", ""),
         "error_message": error.get("error_message", ""),
         "error_metadata": error.get("metadata", {}),
-        "credits_consumed": credits,
+        "credits_consumed": outcome.credits,
         "finished_at": now,
         "duration_ms": duration_ms,
     }
-    open_execution = Execution.objects.filter(pk=execution.pk, status__in=unfinished)
-    writes.append(Update("execution", open_execution, execution_updates, after="job" if job is not None else None))
-    if execution.instance_id is not None:
-        statistics = {
-            "execution_count": F("execution_count") + 1,
-            "success_count": F("success_count") + int(succeeded),
-            "failure_count": F("failure_count") + int(not succeeded),
-            "credits_consumed": F("credits_consumed") + credits,
-            "total_duration_ms": F("total_duration_ms") + duration_ms,
-            "last_executed_at": now,
-        }
-        instance = ToolInstance.objects.filter(pk=execution.instance_id)
-        writes.append(Update("instance", instance, statistics, after="execution"))
-    if account is not None:
-        # Settle what the run costs against what was held when it started, and say why.
-        settle = credits_settle(account=account, held=execution.credits_held, charge=credits, after="execution")
-        writes += [settle] if settle else []
-        if credits:
-            entry = CreditLedgerEntry(
-                account=account, kind=CreditLedgerEntry.Kind.EXECUTION, amount=-credits, execution=execution
-            )
-            writes.append(Insert("ledger", entry, after="execution"))
-    if not writes_chained(writes)["execution"]:
+    finish = Finish(
+        execution=execution,
+        execution_updates=execution_updates,
+        succeeded=succeeded,
+        charge=outcome.credits,
+        duration_ms=duration_ms,
+        now=now,
+        account=account,
+        job=job,
+        job_from=job_from,
+        job_updates=job_updates,
+    )
+    if not outcome_write(finish):
         return False
     if job is not None:
         for name, value in job_updates.items():
@@ -613,6 +597,7 @@ def job_run_prepare() -> None:
     a worker does it once, before it forks the work-horses that inherit it."""
     crypto_prepare()
     job_sql_prepare()
+    outcome_sql_prepare()
 
 
 def job_claim(*, job_id: str, worker_name: str) -> Job | None:

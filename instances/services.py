@@ -60,13 +60,19 @@ def credits_hold(*, account: CreditAccount, amount: Decimal) -> Update:
     return Update("hold", CreditAccount.objects.filter(pk=account.pk, balance__gte=amount), values)
 
 
+def credits_to_settle(*, account: CreditAccount, held: Decimal, charge: Decimal) -> Decimal:
+    """What settling a hold takes off the balance: the charge beyond what was held, or (when
+    negative) what was held beyond the charge, to give back. Nothing on an unlimited account."""
+    return Decimal("0") if account.is_unlimited else charge - held
+
+
 def credits_settle(*, account: CreditAccount, held: Decimal, charge: Decimal, after: str) -> Update | None:
     """The write that turns a hold into the real charge: it returns what was held beyond the
     charge, or takes the rest (usage beyond the hold may take the balance below zero; the work
     was done). None when there is nothing to move. The caller runs it with the outcome it
     settles (``writes_chained``), ``after`` the write that records that outcome."""
-    difference = charge - held
-    if not difference or account.is_unlimited:
+    difference = credits_to_settle(account=account, held=held, charge=charge)
+    if not difference:
         return None
     values = {"balance": F("balance") - difference, "updated_at": timezone.now()}
     return Update("account", CreditAccount.objects.filter(pk=account.pk), values, after=after)

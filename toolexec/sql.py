@@ -14,10 +14,11 @@ two of them may change the same row (PostgreSQL would make only one of the chang
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from django.db import connections, transaction
-from django.db.models import BooleanField, Model, QuerySet
+from django.db.models import BooleanField, Field, Model, QuerySet
 from django.db.models.expressions import RawSQL
 from django.db.models.sql import UpdateQuery
 
@@ -92,15 +93,24 @@ def _update_sql(write: Update, connection: Any) -> tuple[str, tuple[Any, ...]]:
 
 def _insert_sql(insert: Insert, connection: Any) -> tuple[str, list[Any]]:
     """INSERT … SELECT of the row's values: one row, or none if the write it comes after
-    changed none. Each value is cast to its column's type (a SELECT list, unlike VALUES, gives
-    PostgreSQL no column to infer it from); a key the database generates is left to it."""
-    model, quote = type(insert.row), connection.ops.quote_name
-    fields = [f for f in model._meta.concrete_fields if not f.generated and not (f.primary_key and f.db_returning)]
-    values = [field.get_db_prep_save(field.pre_save(insert.row, add=True), connection) for field in fields]
+    changed none."""
+    sql, fields = insert_select_sql(type(insert.row), insert.after, connection.alias)
+    return sql, [field.get_db_prep_save(field.pre_save(insert.row, add=True), connection) for field in fields]
+
+
+@cache
+def insert_select_sql(model: type[Model], after: str | None, alias: str) -> tuple[str, tuple[Field, ...]]:
+    """``INSERT INTO <model's table> (…) SELECT %s, … [FROM <after>]``, and the fields whose
+    values its parameters are. Each value is cast to its column's type (a SELECT list, unlike
+    VALUES, gives PostgreSQL no column to infer it from); a key the database generates is left
+    to it."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    fields = tuple(f for f in model._meta.concrete_fields if not f.generated and not (f.primary_key and f.db_returning))
     columns = ", ".join(quote(field.column) for field in fields)
     selected = ", ".join(f"CAST(%s AS {field.cast_db_type(connection)})" for field in fields)
-    source = f" FROM {quote(insert.after)}" if insert.after else ""
-    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {selected}{source}", values
+    source = f" FROM {quote(after)}" if after else ""
+    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {selected}{source}", fields
 
 
 def _in_a_transaction(writes: list[Update | Insert], using: str) -> dict[str, int]:
