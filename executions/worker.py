@@ -24,8 +24,9 @@ and three so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4
   copy page by page, the parent's whole heap;
 - what every horse would otherwise do for itself the first time is done once here, before the
   first fork (``job_run_prepare``): the ciphers that open a job's sealed inputs are set up
-  (OpenSSL looks them up on first use, 3 ms) and the statement that loads a job is written
-  (compiling it took a horse 3.8 ms); and redis-py's name and version for its connection
+  (OpenSSL looks them up on first use, 3 ms) and the statements that load and claim a job and
+  write its outcome are written (compiling them through the ORM took a horse 3.8 ms and
+  5.5 ms); and redis-py's name and version for its connection
   greeting are read once (it reads them from the installed package's metadata for every new
   connection, and a horse's first Redis command opens one).
 
@@ -38,6 +39,7 @@ import gc
 import logging
 import mmap
 import os
+import time
 from typing import Any
 
 from django.conf import settings
@@ -53,6 +55,7 @@ from .services import job_heartbeat, job_horse_lost, job_run_prepare, jobs_reap
 logger = logging.getLogger(__name__)
 
 HANDED_BACK = 1  # what a work-horse writes in the shared byte when it leaves the lent connection idle
+HANDED_BACK_FRESH_SECONDS = 1.0  # a connection seen to work this recently is lent unchecked
 
 
 class ToolexecWorker(Worker):
@@ -68,6 +71,7 @@ class ToolexecWorker(Worker):
         self._handback = mmap.mmap(-1, 1)
         self._lent: Any = None  # the driver connection the current horse was forked with
         self._lent_close_at: float | None = None
+        self._vouched_at = float("-inf")  # when the connection to lend was last seen to work
 
     @property
     def dequeue_timeout(self) -> int:
@@ -90,6 +94,7 @@ class ToolexecWorker(Worker):
         for other in connections.all(initialized_only=True):
             if other.alias != DEFAULT_DB_ALIAS or other.vendor != "postgresql":
                 other.close()  # a horse inherits no other database socket
+        self._database_ready()  # again: it may have died while this worker waited for the job
         database = connections[DEFAULT_DB_ALIAS]
         self._lent, self._lent_close_at = database.connection, database.close_at
         self._handback[0] = 0
@@ -103,6 +108,13 @@ class ToolexecWorker(Worker):
         # Only this process gets here (the horse ends in os._exit()): the connection is the
         # horse's until it ends. Forgotten, not closed: closing would end the horse's session.
         connections[DEFAULT_DB_ALIAS].connection = None
+
+    def main_work_horse(self, job: RQJob, queue: Queue) -> None:
+        # The connection lent was checked by this worker, or seen to work a moment ago
+        # (_database_ready): the horse, whose entry point closes old connections as a request
+        # would, does not check it again.
+        connections[DEFAULT_DB_ALIAS].health_check_enabled = False  # (a connection it opens itself resets it)
+        super().main_work_horse(job, queue)
 
     def perform_job(self, job: RQJob, queue: Queue) -> bool:
         try:
@@ -137,16 +149,25 @@ class ToolexecWorker(Worker):
     def _database_ready(self) -> None:
         """An open, young, working connection to lend to the next horse (PostgreSQL only: an
         SQLite connection must not cross fork()). A database that does not answer now is the
-        horse's to find out: it connects by itself and records the failure."""
+        horse's to find out: it connects by itself and records the failure.
+
+        Working: seen to answer a health check (CONN_HEALTH_CHECKS) here, unless a horse handed
+        it back, or it was checked, less than HANDED_BACK_FRESH_SECONDS ago. The horse does not
+        check it again: that would be a round trip per job."""
         database = connections[DEFAULT_DB_ALIAS]
         if database.vendor != "postgresql":
             database.close()
             return
-        database.close_if_unusable_or_obsolete()
+        database.close_if_unusable_or_obsolete()  # errors, age
+        fresh = database.connection is not None and time.monotonic() - self._vouched_at <= HANDED_BACK_FRESH_SECONDS
+        database.health_check_done = fresh
         try:
+            database.close_if_health_check_failed()
             database.ensure_connection()
         except DatabaseError:
             logger.warning("No database connection to lend to the next work-horse", exc_info=True)
+        else:
+            self._vouched_at = self._vouched_at if fresh else time.monotonic()
 
     def _database_return(self) -> None:
         """After a horse: take the lent connection back if the horse handed it back idle, else
@@ -166,6 +187,7 @@ class ToolexecWorker(Worker):
         database.savepoint_ids, database.atomic_blocks = [], []
         database.errors_occurred = False
         database.health_check_done = False
+        self._vouched_at = time.monotonic()  # its last statement, the horse's, just worked
 
 
 def _connection_idle(alias: str, raw: Any) -> bool:

@@ -53,19 +53,32 @@ def leave_transaction_open() -> int:
     return backend_pid()
 
 
+def health_checks_then_backend_pid() -> tuple[int, int]:
+    """How many health checks (CONN_HEALTH_CHECKS) this horse makes before its first statement,
+    after closing old connections as ``executions.jobs.run`` does; and its backend."""
+    from django.db import close_old_connections
+
+    checks: list[int] = []
+    real = connection.is_usable
+    connection.is_usable = lambda: checks.append(1) or real()
+    close_old_connections()
+    backend = backend_pid()
+    return len(checks), backend
+
+
 def sleep_then_backend_pid(seconds: float) -> int:
     time.sleep(seconds)
     return backend_pid()
 
 
 def first_uses() -> dict[str, int]:
-    """What this horse finds done by the worker that forked it: the ciphers set up, a job's
-    load and claim statements written, and how often a new Redis connection reads redis-py's
-    version from the package metadata."""
+    """What this horse finds done by the worker that forked it: the ciphers set up, the
+    statements written (a job's load and claim, the outcome's with a job and without), and how
+    often a new Redis connection reads redis-py's version from the package metadata."""
     from redis import utils
     from rq import get_current_job
 
-    from executions import job_sql
+    from executions import job_sql, outcome_sql
     from instances import crypto
 
     reads: list[int] = []
@@ -77,7 +90,8 @@ def first_uses() -> dict[str, int]:
         fresh.disconnect()
     finally:
         utils.get_lib_version = real
-    statements = job_sql._loader.cache_info().currsize + job_sql._claim_sql.cache_info().currsize
+    written = [job_sql._loader, job_sql._claim_sql, outcome_sql._statement]
+    statements = sum(function.cache_info().currsize for function in written)
     return {"ciphers": crypto._fernet.cache_info().currsize, "statements": statements, "metadata_reads": len(reads)}
 
 
@@ -126,9 +140,46 @@ def test_every_job_of_a_worker_runs_on_the_one_session_it_lends(rq_worker, make_
     assert other_sessions() <= 1  # the worker's; no job left one behind
 
 
+def idle(worker: Any) -> bool:
+    """Whether the worker waits for work: done with its last job, ready for the next."""
+    from rq import Worker
+
+    found = [w for w in Worker.all(connection=django_rq.get_connection()) if w.pid == worker.pid]
+    return bool(found) and found[0].get_state() == "idle"
+
+
+def last_statement(pid: int) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
+        return cursor.fetchone()[0]
+
+
+def test_a_session_handed_back_a_moment_ago_is_lent_again_without_a_health_check(rq_worker):
+    worker = rq_worker()
+    lent = run(backend_pid)
+    wait_for(lambda: idle(worker), message="the worker to wait for work")
+    # Neither the worker, making ready for the next job, nor the next horse says SELECT 1.
+    assert last_statement(lent) == "SELECT pg_backend_pid()"
+    assert run(health_checks_then_backend_pid) == (0, lent)
+
+
+def test_a_session_that_died_while_the_worker_was_idle_is_not_lent(rq_worker):
+    worker = rq_worker(TOOLEXEC_JOB_STALE_SECONDS="120")  # waits for work 60 s at a time
+    lent = run(backend_pid)
+    wait_for(lambda: idle(worker), message="the worker to wait for work")
+    time.sleep(1.2)  # longer than HANDED_BACK_FRESH_SECONDS
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [lent])
+    wait_for(lambda: not backend_alive(lent), timeout=10, message="the session to end")
+
+    checks, backend = run(health_checks_then_backend_pid)
+    assert (checks, backend_alive(backend)) == (0, True)  # the worker checked it, and replaced it
+    assert backend != lent
+
+
 def test_a_horse_finds_the_ciphers_statements_and_redis_greeting_prepared_by_its_worker(rq_worker):
     rq_worker()
-    assert run(first_uses) == {"ciphers": 1, "statements": 2, "metadata_reads": 0}
+    assert run(first_uses) == {"ciphers": 1, "statements": 4, "metadata_reads": 0}
 
 
 def test_a_horse_killed_mid_transaction_takes_its_session_with_it(rq_worker):
