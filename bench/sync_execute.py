@@ -135,7 +135,7 @@ def transactions_per_request(paths: dict[str, str], token: str) -> dict[str, dic
 PHASES = (
     ("rest_framework.views", "APIView", "perform_authentication", "authentication (token + user query)"),
     ("rest_framework.views", "APIView", "check_throttles", "throttles (Redis)"),
-    ("rest_framework.generics", "GenericAPIView", "get_object", "instance lookup (query)"),
+    ("executions.api", "InstanceRunViewSet", "get_object", "instance lookup (query)"),
     ("executions.services", None, "execution_prepare", "readiness + input validation"),
     ("executions.services", None, "execution_record_start", "record the attempt (INSERT)"),
     ("executions.services", None, "_run_with_time_limit", "run the tool in its thread"),

@@ -3,7 +3,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from django.db.models import QuerySet
-from django.http import QueryDict, StreamingHttpResponse
+from django.http import Http404, QueryDict, StreamingHttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
@@ -16,7 +16,7 @@ from rest_framework.response import Response
 
 from instances.api import tool_inputs_serializer
 from instances.models import ToolInstance
-from instances.selectors import instance_list
+from instances.selectors import instance_list, instance_of
 from toolexec.api import NewestFirstPagination
 
 from .models import Execution, Job, Mode
@@ -201,6 +201,14 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
         if getattr(self, "swagger_fake_view", False):  # schema generation
             return ToolInstance.objects.none()
         return instance_list(owner=self.request.user)
+
+    def get_object(self) -> ToolInstance:
+        # What get_queryset().get(pk=…) would load, in a statement written once (instance_of).
+        instance = instance_of(owner=self.request.user, instance_id=self.kwargs["pk"])
+        if instance is None:
+            raise Http404
+        self.check_object_permissions(self.request, instance)
+        return instance
 
     def get_serializer(self, *args: Any, **kwargs: Any) -> serializers.Serializer:
         # The browsable API shows a form with the tool's inputs.

@@ -5,69 +5,32 @@ the job with ``select_related`` took 3.8 ms of CPU and 900 copy-on-write page fa
 was even sent, and building and compiling the claim about as much (docs/benchmarks.md,
 benchmark 4). Here both statements are written from the models' own metadata the first time
 (the worker does it before it forks its first horse: ``job_sql_prepare``), so a horse only
-sends them, and builds the model instances with the field converters the ORM would apply.
+sends them: the load is a ``toolexec.sql.Loader``, which builds the model instances with the
+field converters the ORM would apply.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models import F, Model, Value
-from django.db.models.expressions import Col
 from django.db.models.functions import Coalesce
 
-from instances.models import CreditAccount, ToolInstance
-from tools.models import ToolDefinition
+from toolexec.sql import Loader
 
 from .models import Execution, Job
 
-
-@dataclass(frozen=True)
-class _Part:
-    model: type[Model]
-    attnames: list[str]
-    converters: list[list[tuple[Any, Any]]]  # per column: (converter, expression) as the ORM's compiler keeps them
-
-
-@cache
-def _loader(alias: str) -> tuple[str, tuple[_Part, ...]]:
-    connection = connections[alias]
-    quote = connection.ops.quote_name
-    user = get_user_model()
-
-    def table(model: type[Model]) -> str:
-        return quote(model._meta.db_table)
-
-    def column(model: type[Model], name: str) -> str:
-        return quote(model._meta.get_field(name).column)
-
-    aliases = {Job: "j", Execution: "e", ToolDefinition: "t", ToolInstance: "i", user: "u", CreditAccount: "a"}
-    selected, parts = [], []
-    for model, short in aliases.items():
-        fields = list(model._meta.concrete_fields)
-        selected += [f"{short}.{quote(field.column)}" for field in fields]
-        converters = []
-        for field in fields:
-            col = Col(short, field)
-            pairs = [*connection.ops.get_db_converters(col), *col.get_db_converters(connection)]
-            converters.append([(converter, col) for converter in pairs])
-        parts.append(_Part(model, [field.attname for field in fields], converters))
-    pk = quote(Job._meta.pk.column)
-    sql = (
-        f"SELECT {', '.join(selected)} FROM {table(Job)} j"
-        f" JOIN {table(Execution)} e ON e.{quote(Execution._meta.pk.column)} = j.{column(Job, 'execution')}"
-        f" JOIN {table(ToolDefinition)} t ON t.{quote(ToolDefinition._meta.pk.column)} = e.{column(Execution, 'tool')}"
-        f" LEFT JOIN {table(ToolInstance)} i ON i.{quote(ToolInstance._meta.pk.column)} = j.{column(Job, 'instance')}"
-        f" JOIN {table(user)} u ON u.{quote(user._meta.pk.column)} = j.{column(Job, 'owner')}"
-        f" LEFT JOIN {table(CreditAccount)} a ON a.{column(CreditAccount, 'owner')} = u.{quote(user._meta.pk.column)}"
-        f" WHERE j.{pk} = %s FOR NO KEY UPDATE OF u"
-    )
-    return sql, tuple(parts)
+# What ``select_related("execution__tool", "instance__tool", "owner__credit_account")`` loads,
+# the owner's row locked.
+_JOB = Loader(
+    Job,
+    related=("execution", "execution__tool", "instance", "instance__tool", "owner", "owner__credit_account"),
+    where=("id",),
+    lock="owner",
+)
 
 
 @cache
@@ -93,7 +56,7 @@ def _claim_sql(alias: str) -> str:
 
 def job_sql_prepare(alias: str = DEFAULT_DB_ALIAS) -> None:
     """Write the statements now: a worker calls this before it forks, so no horse does."""
-    _loader(alias)
+    _JOB.sql(alias)
     _claim_sql(alias)
 
 
@@ -128,45 +91,8 @@ def _written_once(alias: str) -> bool:
 
 
 def job_load_locked(job_id: Any, alias: str = DEFAULT_DB_ALIAS) -> Job | None:
-    """The job with its execution and the execution's tool, its instance (the same tool), its
-    owner and the owner's credit account, the owner's row locked (FOR NO KEY UPDATE) until the
-    transaction this runs in ends; None if there is no such job. What
+    """The job with its execution and the execution's tool, its instance and the instance's
+    tool, its owner and the owner's credit account, the owner's row locked (FOR NO KEY UPDATE)
+    until the transaction this runs in ends; None if there is no such job. What
     ``select_related("execution__tool", "instance__tool", "owner__credit_account")`` would load."""
-    if not _written_once(alias):
-        jobs = Job.objects.using(alias).select_related("execution__tool", "instance__tool", "owner__credit_account")
-        try:
-            return jobs.select_for_update(of=("owner",), no_key=True).get(pk=job_id)
-        except Job.DoesNotExist:
-            return None
-    connection = connections[alias]
-    sql, parts = _loader(alias)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [job_id])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    job, execution, tool, instance, owner, account = _instances(row, parts, connection, alias)
-    execution.tool = tool
-    job.execution = execution
-    if instance is not None:
-        instance.tool = tool if instance.tool_id == tool.pk else ToolDefinition.objects.get(pk=instance.tool_id)
-    job.instance = instance
-    owner._state.fields_cache["credit_account"] = account  # None: known to have none, as select_related says
-    job.owner = owner
-    return job
-
-
-def _instances(row: tuple[Any, ...], parts: tuple[_Part, ...], connection: Any, alias: str) -> list[Model | None]:
-    built: list[Model | None] = []
-    offset = 0
-    for part in parts:
-        values = list(row[offset : offset + len(part.attnames)])
-        offset += len(part.attnames)
-        if values[part.attnames.index(part.model._meta.pk.attname)] is None:
-            built.append(None)  # an outer join found no row
-            continue
-        for index, pairs in enumerate(part.converters):
-            for converter, expression in pairs:
-                values[index] = converter(values[index], expression, connection)
-        built.append(part.model.from_db(alias, part.attnames, values))
-    return built
+    return _JOB.load(job_id, using=alias)

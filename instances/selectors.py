@@ -1,9 +1,16 @@
 import uuid
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 
+from toolexec.sql import Loader
+
 from .models import Credential, ToolInstance
+
+# ``instance_list(owner=…).get(pk=…)``, its SQL written once: every run looks its instance up.
+_OWNED = Loader(ToolInstance, related=("tool", "owner", "owner__credit_account"), where=("id", "owner"))
 
 
 def instance_list(
@@ -16,6 +23,15 @@ def instance_list(
     if status:
         qs = qs.filter(status=status)
     return qs
+
+
+def instance_of(*, owner: AbstractBaseUser, instance_id: Any) -> ToolInstance | None:
+    """The owner's instance ``instance_id`` with what :func:`instance_list` joins; None if they
+    have no such instance (or ``instance_id`` is no instance id at all)."""
+    try:
+        return _OWNED.load(instance_id, owner.pk)
+    except ValidationError:
+        return None
 
 
 def slot_credentials(*, instance: ToolInstance) -> dict[str, Credential | None]:

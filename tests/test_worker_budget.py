@@ -90,8 +90,8 @@ def first_uses() -> dict[str, int]:
         fresh.disconnect()
     finally:
         utils.get_lib_version = real
-    written = [job_sql._loader, job_sql._claim_sql, outcome_sql._statement]
-    statements = sum(function.cache_info().currsize for function in written)
+    written = [job_sql._claim_sql, outcome_sql._statement]
+    statements = len(job_sql._JOB._written) + sum(function.cache_info().currsize for function in written)
     return {"ciphers": crypto._fernet.cache_info().currsize, "statements": statements, "metadata_reads": len(reads)}
 
 

@@ -5,6 +5,11 @@ from rest_framework.authentication import TokenAuthentication
 from rest_framework.request import Request
 
 from .models import ApiToken, token_hash
+from .sql import Loader
+
+# ``ApiToken.objects.select_related("user").filter(key_hash=…)``, its SQL written once: every
+# API request runs it (docs/benchmarks.md, benchmark 1).
+_TOKEN = Loader(ApiToken, related=("user",), where=("key_hash",))
 
 
 class HashedTokenAuthentication(TokenAuthentication):
@@ -13,7 +18,7 @@ class HashedTokenAuthentication(TokenAuthentication):
     model = ApiToken
 
     def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, ApiToken]:
-        token = ApiToken.objects.select_related("user").filter(key_hash=token_hash(key)).first()
+        token = _TOKEN.load(token_hash(key))
         if token is None or not token.user.is_active:
             raise exceptions.AuthenticationFailed("That API token is not valid: sign in again for a new one.")
         return token.user, token
