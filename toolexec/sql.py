@@ -14,7 +14,7 @@ two of them may change the same row (PostgreSQL would make only one of the chang
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from typing import Any
 
 from django.db import connections, transaction
@@ -165,8 +165,8 @@ class Loader:
         a filter), with its related objects; None if there is none."""
         sql, parts = self.sql(using)
         connection = connections[using]
-        fields = [self.model._meta.get_field(name) for name in self.where]
-        params = [field.get_db_prep_value(value, connection) for field, value in zip(fields, values, strict=True)]
+        pairs = zip(self._where_fields, values, strict=True)
+        params = [field.get_db_prep_value(value, connection) for field, value in pairs]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
@@ -193,10 +193,15 @@ class Loader:
                     back.set_cached_value(obj, parent)
         return built[0]
 
+    @cached_property
+    def _where_fields(self) -> tuple[Field, ...]:
+        return tuple(self.model._meta.get_field(name) for name in self.where)
+
     def sql(self, using: str = "default") -> tuple[str, tuple[_Joined, ...]]:
         """The statement and how to read its row: written the first time, then kept."""
         if using not in self._written:
             self._written[using] = self._write(connections[using])
+            self._where_fields  # noqa: B018 - looked up now too, so a process prepared in advance has it
         return self._written[using]
 
     def _write(self, connection: Any) -> tuple[str, tuple[_Joined, ...]]:
