@@ -38,8 +38,9 @@ PHASES = [
     ("bench.tools", "BenchFirstLineTool", "run", "the tool"),
     ("executions.services", None, "_job_end", "outcome"),
     ("rq.worker.base", "BaseWorker", "handle_job_success", "RQ: success"),
-    ("executions.services", None, "job_load_locked", "  load"),
-    ("executions.services", None, "job_claim_locked", "  claim"),
+    ("executions.services", None, "job_load_and_claim", "  the round trip"),
+    ("executions.job_sql", None, "execute", "    send, wait"),
+    ("toolexec.sql", "Loader", "from_row", "    build the objects"),
     ("executions.services", None, "readiness_check", "  readiness"),
     ("executions.services", None, "unseal", "  unseal"),
     ("executions.outcome_sql", None, "_params", "  outcome's values"),
@@ -112,7 +113,7 @@ def main(jobs: int) -> None:
     worker.process.wait()
     command = [
         sys.executable, "manage.py", "rqworker", workers.PRODUCT_QUEUE, "--with-scheduler",
-        "--worker-class", "bench.horse_phases.PhaseWorker", "--name", worker.name,
+        "--worker-class", "bench.horse_phases.PhaseWorker", "--skip-checks", "--name", worker.name,
     ]  # fmt: skip
     worker.process = subprocess.Popen(
         command, cwd=str(run.common.ROOT), env=subprocess_env(), stdout=worker.log, stderr=subprocess.STDOUT

@@ -8,7 +8,8 @@ run, and a freshly forked work-horse, which touches every object of the ORM's fo
 time (copy-on-write page faults), 5.5 ms: its largest cost (docs/benchmarks.md, benchmark 4).
 
 Here the same statement is written from the models' metadata the first time (a worker does it
-before it forks: ``outcome_sql_prepare``), so a run only binds its values. The statement has
+before it forks: ``outcome_sql_prepare``) and planned once per session (``Prepared``), so a
+run only binds its values. The statement has
 every part always; a part with nothing to do gets parameters that match no row (no instance,
 nothing to settle) or a false condition (no charge, no ledger entry), and a job field the run
 does not set keeps its value.
@@ -30,7 +31,7 @@ from django.db.models import Exists, F, Field, Model
 
 from instances.models import CreditAccount, ToolInstance
 from instances.services import credits_settle, credits_to_settle
-from toolexec.sql import Insert, Update, insert_select_sql, writes_chained
+from toolexec.sql import Insert, Prepared, Update, execute, insert_select_sql, writes_chained
 
 from .models import CreditLedgerEntry, Execution, Job
 
@@ -64,9 +65,9 @@ def outcome_write(finish: Finish, *, using: str = DEFAULT_DB_ALIAS) -> bool:
     """Write ``finish``, all of it or nothing; whether it was written (False: the execution,
     or the job, had already reached a terminal state)."""
     if _written_once(using) and set(finish.job_updates) <= {*JOB_ALWAYS, *JOB_WHEN_GIVEN}:
-        sql, fields = _statement(using, finish.job is not None)
+        statement, fields = _statement(using, finish.job is not None)
         with connections[using].cursor() as cursor:
-            cursor.execute(sql, _params(finish, fields, connections[using]))
+            execute(cursor, (statement, _params(finish, fields, connections[using])))
             return cursor.fetchone()[0] == 1
     return writes_chained(outcome_writes(finish), using=using)["execution"] == 1
 
@@ -76,11 +77,10 @@ def _written_once(alias: str) -> bool:
     return connections[alias].vendor == "postgresql"
 
 
-def outcome_sql_prepare(alias: str = DEFAULT_DB_ALIAS) -> None:
-    """Write the statements now: a worker calls this before it forks, so no horse does."""
-    if _written_once(alias):
-        _statement(alias, True)
-        _statement(alias, False)
+def outcome_sql_prepare(alias: str = DEFAULT_DB_ALIAS) -> list[Prepared]:
+    """Write the statements now (a worker calls this before it forks, so no horse does); they
+    are returned for the worker to have its session plan them too."""
+    return [_statement(alias, True)[0], _statement(alias, False)[0]] if _written_once(alias) else []
 
 
 def outcome_writes(finish: Finish) -> list[Update | Insert]:
@@ -130,7 +130,7 @@ class _Fields:
 
 
 @cache
-def _statement(alias: str, with_job: bool) -> tuple[str, _Fields]:
+def _statement(alias: str, with_job: bool) -> tuple[Prepared, _Fields]:
     quote = connections[alias].ops.quote_name
 
     def table(model: type[Model]) -> str:
@@ -178,7 +178,7 @@ def _statement(alias: str, with_job: bool) -> tuple[str, _Fields]:
         execution=tuple(Execution._meta.get_field(name) for name in EXECUTION_FIELDS),
         ledger=ledger_fields,
     )
-    return sql, fields
+    return Prepared(sql), fields
 
 
 def _params(finish: Finish, fields: _Fields, connection: Any) -> list[Any]:

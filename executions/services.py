@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -46,6 +46,7 @@ from instances.services import (
 )
 from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
 from toolexec.sql import Insert, writes_chained
+from toolexec.sql import prepare as sql_prepare
 from tools import registry
 from tools.errors import (
     Cancelled,
@@ -64,7 +65,7 @@ from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
 
 from . import events
 from .events import QUEUE_NAME
-from .job_sql import job_claim_locked, job_load_locked, job_sql_prepare
+from .job_sql import job_load_and_claim, job_sql_prepare
 from .models import CreditLedgerEntry, Execution, Job, Mode
 from .outcome_sql import Finish, outcome_sql_prepare, outcome_write
 
@@ -596,8 +597,15 @@ def job_run_prepare() -> None:
     """What every run of a job needs and each process would otherwise build on its first job:
     a worker does it once, before it forks the work-horses that inherit it."""
     crypto_prepare()
-    job_sql_prepare()
-    outcome_sql_prepare()
+    job_session_prepare(connect=False)
+
+
+def job_session_prepare(*, connect: bool = True) -> None:
+    """The statements a job runs, written, and (``connect``) planned by the database session a
+    worker lends its work-horses: once per session, so no horse pays for it."""
+    statements = [*job_sql_prepare(), *outcome_sql_prepare()]
+    if connect:
+        sql_prepare(connections[DEFAULT_DB_ALIAS], statements)
 
 
 def job_claim(*, job_id: str, worker_name: str) -> Job | None:
@@ -606,16 +614,13 @@ def job_claim(*, job_id: str, worker_name: str) -> Job | None:
     claimed job, loaded with what running it needs, or None.
 
     One claim at a time per owner, so two workers can't both take the last free place: the
-    job is loaded with a lock on its owner's row, then claimed (job and execution) in one
-    statement, whose snapshot, taken under the lock, counts every claim made before.
+    claim counts the owner's running jobs under a lock on the owner's row (``job_load_and_claim``).
     """
     now = timezone.now()
-    with transaction.atomic():
-        job = job_load_locked(job_id)
-        if job is None or job.status != Job.Status.QUEUED:
-            return None
-        share = settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER
-        claimed = job_claim_locked(job, worker_name=worker_name, share=share, now=now)
+    share = settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER
+    job, claimed = job_load_and_claim(job_id, worker_name=worker_name, share=share, now=now)
+    if job is None or job.status != Job.Status.QUEUED:
+        return None
     if not claimed:
         if Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).exists():  # not taken meanwhile
             _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS)

@@ -50,7 +50,7 @@ from rq.queue import Queue
 from rq.worker import Worker
 
 from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
-from .services import job_heartbeat, job_horse_lost, job_run_prepare, jobs_reap
+from .services import job_heartbeat, job_horse_lost, job_run_prepare, job_session_prepare, jobs_reap
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class ToolexecWorker(Worker):
         try:
             database.close_if_health_check_failed()
             database.ensure_connection()
+            job_session_prepare()  # a round trip on a new session only
         except DatabaseError:
             logger.warning("No database connection to lend to the next work-horse", exc_info=True)
         else:

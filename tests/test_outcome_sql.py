@@ -235,7 +235,7 @@ def test_on_postgresql_the_outcome_is_one_statement_written_once(make_instance, 
             account=account,
         )
 
-    assert len(captured) == 1 and captured[0]["sql"].startswith("WITH ")
+    assert len(captured) == 1 and "EXECUTE toolexec_" in captured[0]["sql"]  # planned once per session
     assert outcome_sql._statement.cache_info().currsize == 1
     other, account = sync_run(make_instance, user)
     execution_finish(execution=other, outcome=Outcome(COMPLETED, output={}), duration_ms=1, account=account)

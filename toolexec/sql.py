@@ -13,6 +13,9 @@ two of them may change the same row (PostgreSQL would make only one of the chang
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import re
 from dataclasses import dataclass
 from functools import cache, cached_property
 from typing import Any
@@ -159,19 +162,22 @@ class Loader:
     def __init__(self, model: type[Model], related: tuple[str, ...], where: tuple[str, ...], lock: str = "") -> None:
         self.model, self.related, self.where, self.lock = model, related, where, lock
         self._written: dict[str, tuple[str, tuple[_Joined, ...]]] = {}
+        self._prepared: dict[str, Prepared] = {}
 
     def load(self, *values: Any, using: str = "default") -> Model | None:
         """The object whose ``where`` columns hold ``values`` (as the ORM would prepare them for
         a filter), with its related objects; None if there is none."""
-        sql, parts = self.sql(using)
-        connection = connections[using]
-        pairs = zip(self._where_fields, values, strict=True)
-        params = [field.get_db_prep_value(value, connection) for field, value in pairs]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+        params = self.params(*values, using=using)
+        with connections[using].cursor() as cursor:
+            execute(cursor, (self.statement(using), params))
             row = cursor.fetchone()
-        if row is None:
-            return None
+        return None if row is None else self.from_row(row, using=using)
+
+    def from_row(self, row: tuple[Any, ...] | list[Any], *, using: str = "default") -> Model:
+        """The objects of one row of ``sql()``, which a statement may select as a subquery
+        (``SELECT loaded.*, … FROM (<sql>) loaded``) with columns of its own after them."""
+        _, parts = self.sql(using)
+        connection = connections[using]
         built: list[Model | None] = []
         offset = 0
         for part in parts:
@@ -193,9 +199,22 @@ class Loader:
                     back.set_cached_value(obj, parent)
         return built[0]
 
+    def params(self, *values: Any, using: str = "default") -> list[Any]:
+        """``values`` for the ``where`` columns, prepared as the ORM would prepare them for a
+        filter (a malformed key raises ``ValidationError``, as ``filter()`` does)."""
+        connection = connections[using]
+        pairs = zip(self._where_fields, values, strict=True)
+        return [field.get_db_prep_value(value, connection) for field, value in pairs]
+
     @cached_property
     def _where_fields(self) -> tuple[Field, ...]:
         return tuple(self.model._meta.get_field(name) for name in self.where)
+
+    def statement(self, using: str = "default") -> Prepared:
+        """``sql()``, planned once per session (``Prepared``)."""
+        if using not in self._prepared:
+            self._prepared[using] = Prepared(self.sql(using)[0])
+        return self._prepared[using]
 
     def sql(self, using: str = "default") -> tuple[str, tuple[_Joined, ...]]:
         """The statement and how to read its row: written the first time, then kept."""
@@ -245,3 +264,82 @@ class Loader:
         if self.lock and connection.features.has_select_for_no_key_update:  # PostgreSQL; SQLite locks no rows
             sql += f" FOR NO KEY UPDATE OF t{paths[self.lock]}"
         return sql, tuple(parts)
+
+
+# --- Statements planned once per session -----------------------------------------------------
+
+
+class Prepared:
+    """A statement (``%s`` parameters) that PostgreSQL parses and plans once per session: sent
+    as text, a join of a few tables or a chain of writes costs more to plan than to run (1.5 ms
+    against 0.4 ms for a job's claim). The session keeps the plan (``PREPARE``); each run sends
+    only ``EXECUTE`` and the values. Worth it on a connection that lives for many runs (a
+    worker's, or with ``CONN_MAX_AGE``); elsewhere, and on other databases, the text is sent.
+    """
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+        self.name = "toolexec_" + hashlib.sha1(sql.encode()).hexdigest()[:24]
+        numbers = itertools.count(1)
+        body = re.sub(r"%[s%]", lambda m: f"${next(numbers)}" if m[0] == "%s" else "%", sql)
+        count = next(numbers) - 1
+        self.execute_sql = f"EXECUTE {self.name}({', '.join(['%s'] * count)})" if count else f"EXECUTE {self.name}"
+        # Idempotent: a session a work-horse was lent may have it already.
+        prepare = f"PREPARE {self.name} AS {body}".replace("'", "''")
+        self.prepare_sql = (
+            f"IF NOT EXISTS (SELECT FROM pg_prepared_statements WHERE name = '{self.name}')"
+            f" THEN EXECUTE '{prepare}'; END IF;"
+        )
+
+
+def execute(cursor: Any, *runs: tuple[Prepared, list[Any] | tuple[Any, ...]]) -> None:
+    """Run each statement with its parameters, in one message (the cursor holds the last one's
+    result; PostgreSQL runs several as one transaction). A statement the session has not
+    planned yet is prepared first, in the same message."""
+    connection = cursor.db
+    params = [value for _, values in runs for value in values]
+    if not _plans_kept(connection):
+        cursor.execute("; ".join(statement.sql for statement, _ in runs), params)
+        return
+    missing = _unprepared(connection, [statement for statement, _ in runs])
+    sql = "; ".join(statement.execute_sql for statement, _ in runs)
+    if missing:
+        sql = f"{_prepare_sql(missing).replace('%', '%%')}; {sql}"
+    cursor.execute(sql, params)
+    _prepared(connection, missing)
+
+
+def prepare(connection: Any, statements: list[Prepared]) -> None:
+    """Have the session plan ``statements``, those it has not yet: one round trip, or none.
+    A worker calls this before it forks, so its work-horses find them ready in the session it
+    lends them (a horse's own note of what it prepared ends with it)."""
+    if not _plans_kept(connection):
+        return
+    connection.ensure_connection()
+    missing = _unprepared(connection, statements)
+    if missing:
+        with connection.cursor() as cursor:
+            cursor.execute(_prepare_sql(missing))
+        _prepared(connection, missing)
+
+
+def _unprepared(connection: Any, statements: list[Prepared]) -> list[Prepared]:
+    known = getattr(connection, "_toolexec_prepared", None)
+    if known is None or known[0] is not connection.connection:  # a new session: it has none
+        return statements
+    return [statement for statement in statements if statement.name not in known[1]]
+
+
+def _prepared(connection: Any, statements: list[Prepared]) -> None:
+    known = getattr(connection, "_toolexec_prepared", None)
+    if known is None or known[0] is not connection.connection:
+        known = connection._toolexec_prepared = (connection.connection, set())
+    known[1].update(statement.name for statement in statements)
+
+
+def _prepare_sql(statements: list[Prepared]) -> str:
+    return f"DO $toolexec$ BEGIN {' '.join(statement.prepare_sql for statement in statements)} END $toolexec$"
+
+
+def _plans_kept(connection: Any) -> bool:
+    return connection.vendor == "postgresql" and connection.settings_dict["CONN_MAX_AGE"] != 0
