@@ -121,7 +121,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         f"{GAP_SECONDS[0] * 1000:.0f}–{GAP_SECONDS[1] * 1000:.0f} ms (uniformly at random) after the previous one "
         "ended and its worker was idle again. *product*: `POST /api/v1/instances/{id}/execute-async` of the "
         "`bench-first-line` tool through gunicorn (2 sync workers) on a keep-alive connection, run by "
-        "`manage.py rqworker default --with-scheduler --worker-class executions.worker.ToolexecWorker`; the "
+        "`manage.py rqworker default --with-scheduler --worker-class executions.worker.ToolexecWorker --skip-checks`; the "
         "latency runs from the client's reading of the 202 to the `time.time()` the tool takes at its first "
         "line (recorded in a Redis list the client waits on). *bare*: `Queue.enqueue` of a no-op function "
         "(`bench/bare_rq.py`) run by `rq worker --worker-class rq.Worker --with-scheduler` (RQ's own CLI, no "

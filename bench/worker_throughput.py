@@ -101,7 +101,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         f"the {ROUNDS} rounds), then drained by 1 and by 2 worker processes, started beforehand and held with "
         "RQ's suspension (`rq suspend`) while the queue fills. *product*: jobs of the `bench-first-line` tool "
         "accepted with `executions.services.execution_enqueue` (the service behind execute-async), run by "
-        "`manage.py rqworker default --with-scheduler --worker-class executions.worker.ToolexecWorker`. "
+        "`manage.py rqworker default --with-scheduler --worker-class executions.worker.ToolexecWorker --skip-checks`. "
         "*bare*: a no-op function (`bench/bare_rq.py`) enqueued with `Queue.enqueue`, run by `rq worker "
         "--worker-class rq.Worker --with-scheduler` (RQ's own CLI, no Django). *floor* (not a target: what a "
         "job with a durable record costs by itself): `bench/floor_rq.py`'s `recorded_noop`, its rows inserted "

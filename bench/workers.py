@@ -2,7 +2,7 @@
 first-line records their jobs write, and the fixtures of the product arm.
 
 - *product*: ``manage.py rqworker default --with-scheduler --worker-class
-  executions.worker.ToolexecWorker``, as the README starts it (bench settings, so the bench
+  executions.worker.ToolexecWorker --skip-checks``, as the README starts it (bench settings, so the bench
   tools exist), running ``executions.jobs.run`` for jobs accepted by the product;
 - *floor*: ``rq worker --worker-class bench.floor_rq.FloorWorker`` (RQ's ``Worker`` with one
   PostgreSQL connection lent to its horses, no Django) on ``bench-floor``, running
@@ -54,7 +54,7 @@ class RQWorker:
         if arm == "product":
             command = [
                 sys.executable, "manage.py", "rqworker", PRODUCT_QUEUE, "--with-scheduler",
-                "--worker-class", "executions.worker.ToolexecWorker", "--name", self.name,
+                "--worker-class", "executions.worker.ToolexecWorker", "--skip-checks", "--name", self.name,
             ]  # fmt: skip
         else:
             worker_class, queue = {
