@@ -45,7 +45,7 @@ from instances.services import (
     file_opener,
 )
 from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
-from toolexec.sql import Insert, writes_chained
+from toolexec.sql import Insert, insert, writes_chained
 from toolexec.sql import prepare as sql_prepare
 from tools import registry
 from tools.errors import (
@@ -209,7 +209,7 @@ def execution_record_start(
         created_at=started,
     )
     if not hold:
-        execution.save(force_insert=True)
+        insert(execution)
         return execution
     held = [credits_hold(account=account, amount=hold), Insert("execution", execution, after="hold")]
     if not writes_chained(held)["execution"]:
@@ -404,7 +404,7 @@ def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: s
             )
             job.rq_job_id = str(job.pk)
             job.sealed_inputs = seal(merged, row_id=str(job.pk), owner_id=instance.owner_id)
-            job.save(force_insert=True)
+            insert(job)
             transaction.on_commit(lambda: outcome.setdefault("enqueued", _enqueue(job, definition, readiness.account)))
     except IntegrityError:
         if not idempotency_key:

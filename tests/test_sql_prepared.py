@@ -108,3 +108,59 @@ def test_several_statements_run_in_one_message_and_the_last_one_answers(new_sess
     with connection.cursor() as cursor:
         execute(cursor, (other, [1]), (QUOTIENT, [50, "%"]))
         assert cursor.fetchone() == (2, True)
+
+
+# --- insert(): save(force_insert=True), planned once per session -------------------------------
+
+
+def test_insert_writes_the_row_save_writes_with_its_signals(make_instance, user):
+    from django.db.models import signals
+
+    from executions.models import Execution
+    from toolexec.sql import insert
+
+    instance = make_instance("test-noop", owner=user)
+
+    def new() -> Execution:
+        return Execution(instance=instance, tool=instance.tool, owner=user, mode="sync", input_data={"a": [1, "é"]})
+
+    heard = []
+
+    def hear(sender, instance, **kwargs):
+        heard.append((kwargs.get("created"), instance._state.adding))
+
+    saved, inserted = new(), new()
+    saved.save(force_insert=True)
+    signals.pre_save.connect(hear, sender=Execution)
+    signals.post_save.connect(hear, sender=Execution)
+    try:
+        with CaptureQueriesContext(connection) as captured:
+            insert(inserted)
+    finally:
+        signals.pre_save.disconnect(hear, sender=Execution)
+        signals.post_save.disconnect(hear, sender=Execution)
+
+    assert len(captured) == 1 and "EXECUTE toolexec_" in captured[0]["sql"]
+    assert heard == [(None, True), (True, False)]  # as save() sends them
+    assert not inserted._state.adding and inserted._state.db == "default"
+
+    def stored(row: Execution) -> dict:
+        values = {f.attname: getattr(Execution.objects.get(pk=row.pk), f.attname) for f in Execution._meta.fields}
+        return {k: v for k, v in values.items() if k not in {"id", "created_at"}}
+
+    assert stored(inserted) == stored(saved)
+
+
+def test_insert_of_a_duplicate_key_raises_integrity_error_as_save_does(make_instance, user):
+    from django.db import IntegrityError, transaction
+
+    from executions.models import Execution
+    from toolexec.sql import insert
+
+    instance = make_instance("test-noop", owner=user)
+    row = Execution(instance=instance, tool=instance.tool, owner=user, mode="sync", idempotency_key="k")
+    insert(row)
+    twin = Execution(instance=instance, tool=instance.tool, owner=user, mode="sync", idempotency_key="k")
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        insert(twin)

@@ -21,7 +21,7 @@ from functools import cache, cached_property
 from typing import Any
 
 from django.db import connections, transaction
-from django.db.models import BooleanField, Field, Model, QuerySet
+from django.db.models import BooleanField, Field, Model, QuerySet, signals
 from django.db.models.expressions import Col, RawSQL
 from django.db.models.sql import UpdateQuery
 
@@ -114,6 +114,30 @@ def insert_select_sql(model: type[Model], after: str | None, alias: str) -> tupl
     selected = ", ".join(f"CAST(%s AS {field.cast_db_type(connection)})" for field in fields)
     source = f" FROM {quote(after)}" if after else ""
     return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) SELECT {selected}{source}", fields
+
+
+def insert(row: Model, *, using: str = "default") -> None:
+    """``row.save(force_insert=True)`` of a new row whose key it holds already (a UUID the model
+    gives it, not a database sequence), with the same signals, in a statement planned once per
+    session (``Prepared``) where the session keeps plans; elsewhere ``save()`` itself."""
+    model = type(row)
+    if not _plans_kept(connections[using]) or model._meta.pk.db_returning or row.pk is None:
+        row.save(force_insert=True, using=using)
+        return
+    connection = connections[using]
+    signals.pre_save.send(sender=model, instance=row, raw=False, using=using, update_fields=None)
+    statement, fields = _insert_statement(model, using)
+    params = [field.get_db_prep_save(field.pre_save(row, add=True), connection) for field in fields]
+    with connection.cursor() as cursor:
+        execute(cursor, (statement, params))
+    row._state.adding, row._state.db = False, using
+    signals.post_save.send(sender=model, instance=row, created=True, update_fields=None, raw=False, using=using)
+
+
+@cache
+def _insert_statement(model: type[Model], alias: str) -> tuple[Prepared, tuple[Field, ...]]:
+    sql, fields = insert_select_sql(model, None, alias)
+    return Prepared(sql), fields
 
 
 def _in_a_transaction(writes: list[Update | Insert], using: str) -> dict[str, int]:
