@@ -69,13 +69,16 @@ DATA_MODIFYING = re.compile(r"\b(INSERT INTO|UPDATE|DELETE FROM)\b")
 def _tally(send: Any, requests: int) -> dict[str, int]:
     from django.db import connection
 
+    from toolexec.sql import statement_text
+
     tally = {"statements": 0, "reads": 0, "writes": 0, "write_xacts": 0}
     pending = {"wrote": False}
 
     def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        verb = sql.lstrip().split(None, 1)[0].upper()
+        written = statement_text(sql)  # a prepared statement's EXECUTE, as the statement it runs
+        verb = written.lstrip().split(None, 1)[0].upper()
         tally["statements"] += 1
-        if verb in {"INSERT", "UPDATE", "DELETE"} or (verb == "WITH" and DATA_MODIFYING.search(sql)):
+        if verb in {"INSERT", "UPDATE", "DELETE"} or (verb == "WITH" and DATA_MODIFYING.search(written)):
             tally["writes"] += 1
             if connection.in_atomic_block:
                 pending["wrote"] = True

@@ -51,8 +51,7 @@ def _load_and_claim(alias: str) -> tuple[Prepared, Prepared]:
 
     status, owner, started, job_id = col(Job, "status"), col(Job, "owner"), col(Execution, "started_at"), col(Job, "id")
     lock = (
-        f"SELECT 1 FROM {owners} WHERE {owner_key} = (SELECT {owner} FROM {job} WHERE {job_id} = %s)"
-        " FOR NO KEY UPDATE"
+        f"SELECT 1 FROM {owners} WHERE {owner_key} = (SELECT {owner} FROM {job} WHERE {job_id} = %s) FOR NO KEY UPDATE"
     )
     load, _ = _JOB.sql(alias)
     claim = (

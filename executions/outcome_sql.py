@@ -8,11 +8,10 @@ run, and a freshly forked work-horse, which touches every object of the ORM's fo
 time (copy-on-write page faults), 5.5 ms: its largest cost (docs/benchmarks.md, benchmark 4).
 
 Here the same statement is written from the models' metadata the first time (a worker does it
-before it forks: ``outcome_sql_prepare``) and planned once per session (``Prepared``), so a
-run only binds its values. The statement has
-every part always; a part with nothing to do gets parameters that match no row (no instance,
-nothing to settle) or a false condition (no charge, no ledger entry), and a job field the run
-does not set keeps its value.
+before it forks: ``outcome_sql_prepare``) and planned once per session (``Prepared``), so a run
+only binds its values. The statement has every part always; a part with nothing to do gets
+parameters that match no row (no instance, nothing to settle) or a false condition (no charge,
+no ledger entry), and a job field the run does not set keeps its value.
 
 Off PostgreSQL (SQLite, the development default, cannot modify in ``WITH``), and for a job
 field the statement does not know, the ORM's writes run instead, in a transaction there.

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
-
 from django.utils import timezone
 
 from executions.job_sql import job_load_and_claim

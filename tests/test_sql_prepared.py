@@ -164,3 +164,18 @@ def test_insert_of_a_duplicate_key_raises_integrity_error_as_save_does(make_inst
 
     with pytest.raises(IntegrityError), transaction.atomic():
         insert(twin)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_statement_text_writes_out_what_a_message_runs(new_session):
+    """What a log, or a count of reads and writes, needs to see (bench/sync_execute.py)."""
+    from toolexec.sql import statement_text
+
+    other = Prepared("UPDATE auth_user SET last_login = NULL WHERE id = %s")
+    with CaptureQueriesContext(connection) as captured, connection.cursor() as cursor:
+        execute(cursor, (other, [0]), (QUOTIENT, [1, "%"]))  # the first run: it prepares them too
+
+    assert statement_text(captured[0]["sql"]) == f"{other.sql}; {QUOTIENT.sql}"
+    assert statement_text(f"EXECUTE {other.name}('a) b'';', 2)") == other.sql  # values as interpolated
+    assert statement_text("SELECT 1") == "SELECT 1"
+    assert statement_text("EXECUTE toolexec_0000(%s)") == "EXECUTE toolexec_0000(%s)"  # not one of ours

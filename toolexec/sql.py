@@ -118,10 +118,11 @@ def insert_select_sql(model: type[Model], after: str | None, alias: str) -> tupl
 
 def insert(row: Model, *, using: str = "default") -> None:
     """``row.save(force_insert=True)`` of a new row whose key it holds already (a UUID the model
-    gives it, not a database sequence), with the same signals, in a statement planned once per
-    session (``Prepared``) where the session keeps plans; elsewhere ``save()`` itself."""
+    gives it, not a database sequence) and whose model has one table (no parent models), with
+    the same signals, in a statement planned once per session (``Prepared``) where the session
+    keeps plans; elsewhere ``save()`` itself."""
     model = type(row)
-    if not _plans_kept(connections[using]) or model._meta.pk.db_returning or row.pk is None:
+    if not _plans_kept(connections[using]) or model._meta.parents or model._meta.pk.db_returning or row.pk is None:
         row.save(force_insert=True, using=using)
         return
     connection = connections[using]
@@ -301,9 +302,12 @@ class Prepared:
     worker's, or with ``CONN_MAX_AGE``); elsewhere, and on other databases, the text is sent.
     """
 
+    named: dict[str, Prepared] = {}  # every one written in this process, by name
+
     def __init__(self, sql: str) -> None:
         self.sql = sql
         self.name = "toolexec_" + hashlib.sha1(sql.encode()).hexdigest()[:24]
+        Prepared.named[self.name] = self
         numbers = itertools.count(1)
         body = re.sub(r"%[s%]", lambda m: f"${next(numbers)}" if m[0] == "%s" else "%", sql)
         count = next(numbers) - 1
@@ -314,6 +318,20 @@ class Prepared:
             f"IF NOT EXISTS (SELECT FROM pg_prepared_statements WHERE name = '{self.name}')"
             f" THEN EXECUTE '{prepare}'; END IF;"
         )
+
+
+def statement_text(sql: str) -> str:
+    """``sql`` as sent (``%s`` parameters), each ``EXECUTE`` of a ``Prepared`` written out as its
+    statement, and the ``DO`` block that prepares statements left out: what a log or a count of
+    reads and writes needs to see."""
+    sql = re.sub(r"^DO \$toolexec\$.*? END \$toolexec\$; ", "", sql, flags=re.S)
+
+    def written(match: re.Match[str]) -> str:
+        statement = Prepared.named.get(match[1])
+        return statement.sql if statement is not None else match[0]
+
+    # Its values: %s placeholders, or literals as the driver interpolated them (quoted strings).
+    return re.sub(r"EXECUTE (toolexec_[0-9a-f]+)(?:\((?:'(?:[^']|'')*'|[^')])*\))?", written, sql)
 
 
 def execute(cursor: Any, *runs: tuple[Prepared, list[Any] | tuple[Any, ...]]) -> None:
