@@ -9,6 +9,9 @@ in a transaction.
 
 All the writes of one statement see the database as it was when the statement began, so no
 two of them may change the same row (PostgreSQL would make only one of the changes).
+
+For the same paths: ``insert`` (one new row), ``Loader`` (a select_related load of one row, its
+SQL written once), and ``Prepared``, a statement a kept PostgreSQL session plans only once.
 """
 
 from __future__ import annotations
@@ -121,11 +124,10 @@ def insert(row: Model, *, using: str = "default") -> None:
     gives it, not a database sequence) and whose model has one table (no parent models), with
     the same signals, in a statement planned once per session (``Prepared``) where the session
     keeps plans; elsewhere ``save()`` itself."""
-    model = type(row)
-    if not _plans_kept(connections[using]) or model._meta.parents or model._meta.pk.db_returning or row.pk is None:
+    model, connection = type(row), connections[using]
+    if not _plans_kept(connection) or model._meta.parents or model._meta.pk.db_returning or row.pk is None:
         row.save(force_insert=True, using=using)
         return
-    connection = connections[using]
     signals.pre_save.send(sender=model, instance=row, raw=False, using=using, update_fields=None)
     statement, fields = _insert_statement(model, using)
     params = [field.get_db_prep_save(field.pre_save(row, add=True), connection) for field in fields]
