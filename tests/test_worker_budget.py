@@ -1,6 +1,7 @@
-"""What a job costs the database on a real worker (``rq_worker``): the worker lends one
-PostgreSQL session to every work-horse it forks (executions/worker.py), so a job opens no
-session of its own, and a horse that does not leave the session idle takes it with it.
+"""What a job costs the database and Redis on a real worker (``rq_worker``): the worker lends
+one PostgreSQL session and one Redis connection to every work-horse it forks
+(executions/worker.py), so a job opens neither of its own, and a horse that does not leave one
+idle takes it with it.
 
 The probes below are plain RQ functions, enqueued directly: the work-horse imports this module
 and runs them on the connection it was lent, as ``executions.jobs.run`` does.
@@ -106,6 +107,33 @@ def first_uses() -> dict[str, int]:
         "planned": planned,
         "metadata_reads": len(reads),
     }
+
+
+def redis_client_id() -> int:
+    """The Redis connection RQ and the job's events use in this horse."""
+    from rq import get_current_job
+
+    return get_current_job().connection.client_id()
+
+
+def redis_block(key: str) -> None:
+    """Say which connection and which horse, then wait on the lent connection to be killed."""
+    from rq import get_current_job
+
+    redis = get_current_job().connection
+    redis.rpush(key, json.dumps({"client": redis.client_id(), "horse": os.getpid()}))
+    redis.blpop([f"{key}:never"], timeout=60)
+
+
+def keep_redis_connection_busy() -> int:
+    """Take the lent connection out of the pool, send a command on it and return with it."""
+    from rq import get_current_job
+
+    redis = get_current_job().connection
+    client = redis.client_id()
+    busy = redis.connection_pool.get_connection()
+    busy.send_command("PING")
+    return client
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -231,3 +259,77 @@ def test_heartbeats_during_a_long_job_use_a_session_of_their_own_closed_after_it
     assert job.return_value(refresh=True) == lent
     wait_for(lambda: other_sessions() == 1, timeout=10, message="the heartbeat session to close")
     assert run(backend_pid) == lent
+
+
+def redis_clients() -> set[int]:
+    return {client["id"] for client in django_rq.get_connection().client_list()}
+
+
+def test_every_job_of_a_worker_runs_on_the_one_redis_connection_it_lends(rq_worker, make_instance, user):
+    rq_worker()
+    instance = make_instance("test-noop", owner=user)
+    first = run(redis_client_id)
+    for _ in range(3):
+        # A real job between the probes: RQ's bookkeeping, the job's publishes, on the lent connection.
+        job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
+        wait_for(lambda job=job: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, message="the job")
+        assert run(redis_client_id) == first
+
+
+def test_a_horse_killed_mid_command_takes_its_redis_connection_with_it(rq_worker):
+    worker = rq_worker()
+    lent = run(redis_client_id)
+    key = f"test:block:{uuid.uuid4().hex}"
+    django_rq.get_queue("default").enqueue(redis_block, key, job_timeout=120)
+    _, raw = django_rq.get_connection().blpop([key], timeout=30)
+    held = json.loads(raw)
+    assert held["client"] == lent  # it waits on the lent connection
+    os.kill(held["horse"], signal.SIGKILL)
+    wait_for(lambda: not alive(held["horse"]), timeout=10, message="the horse to die")
+    # Not lent again with a reply on its way: the worker drops it, the server sees it close.
+    wait_for(lambda: lent not in redis_clients(), timeout=10, message="the killed horse's connection to close")
+    assert run(redis_client_id) not in {lent, None}
+    assert worker.process.poll() is None
+
+
+def test_a_job_that_keeps_the_redis_connection_busy_does_not_hand_it_back(rq_worker):
+    rq_worker()
+    lent = run(keep_redis_connection_busy)
+    wait_for(lambda: lent not in redis_clients(), timeout=10, message="the connection left busy to close")
+    after = run(redis_client_id)
+    assert after != lent
+    assert run(redis_client_id) == after  # and the next one is lent again
+
+
+def test_a_redis_connection_the_server_closed_while_the_worker_was_idle_is_replaced(rq_worker):
+    worker = rq_worker()
+    lent = run(redis_client_id)
+    wait_for(lambda: idle(worker), message="the worker to wait for work")
+    django_rq.get_connection().client_kill_filter(_id=lent)
+    # The horse's pool notices before its first command and connects anew; that connection
+    # ends with the horse, and the worker lends a new one from the next job on.
+    assert run(redis_client_id) != lent
+    again = run(redis_client_id)
+    assert run(redis_client_id) == again != lent
+
+
+@pytest.mark.django_db
+def test_a_redis_connection_that_cannot_connect_is_lent_unconnected_and_the_horse_connects_it(settings, caplog):
+    from redis import Redis
+
+    from executions.worker import ToolexecWorker, _redis_adopt
+
+    worker = ToolexecWorker(["default"], connection=django_rq.get_connection())
+    worker.connection = Redis.from_url("redis://127.0.0.1:1/0")  # Redis went away: nothing listens there
+    worker._redis_ready()
+    assert "No Redis connection to lend to the next work-horse" in caplog.text
+    assert not worker._redis_spare.is_connected
+
+    # What a horse does with one: its pool connects it for the first command, as it would a
+    # connection of its own.
+    redis = Redis.from_url(settings.REDIS_URL)
+    unconnected = redis.connection_pool.make_connection()
+    _redis_adopt(redis.connection_pool, unconnected)
+    assert redis.ping() is True
+    assert unconnected.is_connected
+    unconnected.disconnect()
