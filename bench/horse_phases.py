@@ -8,6 +8,8 @@ phase of a job with ``resource.getrusage`` (wall, CPU, minor page faults, which 
 child are mostly copy-on-write) and leave one JSON file each. Prints the median per phase.
 Not a benchmark: the wrappers cost time of their own; use it to see shares, and the throughput
 benchmark for figures. (py-spy's ``--subprocesses`` joins a horse too late to see all of it.)
+The worker claims each job before it forks (``job_claim_ahead``), so the claim's rows show "—"
+unless the worker's claim failed and the horse claimed.
 """
 
 from __future__ import annotations
@@ -127,11 +129,14 @@ def main(jobs: int) -> None:
     finally:
         worker.stop()
     records = [json.load(open(path)) for path in glob.glob(os.path.join(OUT, "*.json"))]
-    records = [record for record in records if "load + claim" in record]  # horses that ran a job
+    records = [record for record in records if "outcome" in record]  # horses that ran a job
     print(f"{len(records)} work-horses; median per job")
     print(f"{'phase':<22} {'wall ms':>8} {'CPU ms':>8} {'faults':>7}")
     for label in ["whole horse", *(phase[3] for phase in PHASES)]:
         values = [record[label] for record in records if label in record]
+        if not values:  # not in a horse (the claim, when the worker claimed ahead of the fork)
+            print(f"{label:<22} {'—':>8} {'—':>8} {'—':>7}")
+            continue
         wall, cpu, faults = (statistics.median(value[i] for value in values) for i in range(3))
         print(f"{label:<22} {wall * 1000:8.2f} {cpu * 1000:8.2f} {faults:7.0f}")
 

@@ -10,7 +10,7 @@ RQ's forking worker, with three additions so no job state lies:
   heartbeat while this worker watches a job (so a busy worker still reaps, and stops a
   cancelled job that never checks). It is two indexed queries over RUNNING jobs.
 
-and four so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
+and five so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
 
 - the worker keeps one PostgreSQL connection open, *lends* it to each work-horse it forks and
   takes it back when the horse reports that it left the connection idle. A horse would
@@ -25,6 +25,10 @@ and four so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4)
   trips): 2.4 ms of a freshly forked process's time, against 0.2 ms for a command on a
   connection it is given. A horse that does not hand it back (killed, or left it busy or
   disconnected) takes it with it: this process disconnects its copy;
+- the worker claims each job before it forks the horse (``job_claim_ahead``), on the session
+  it then lends: the horse inherits the claimed job with its related rows. Built in the horse,
+  those objects cost a freshly forked process 2 ms of copied pages. If the claim fails here,
+  the horse claims the job itself, as it always could;
 - what the worker has built by the time it starts working (Django, the app, the catalog) is
   frozen out of the garbage collector's sight, so a collection in a horse does not walk, and
   copy page by page, the parent's whole heap;
@@ -58,11 +62,20 @@ from rq.queue import Queue
 from rq.worker import Worker
 
 from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
-from .services import job_heartbeat, job_horse_lost, job_run_prepare, job_session_prepare, jobs_reap
+from .services import (
+    job_claim_ahead,
+    job_claims_forget,
+    job_heartbeat,
+    job_horse_lost,
+    job_run_prepare,
+    job_session_prepare,
+    jobs_reap,
+)
 
 logger = logging.getLogger(__name__)
 
 HANDED_BACK = 1  # what a work-horse writes in a shared byte when it leaves a lent connection idle
+RUN = "executions.jobs.run"  # the RQ function of every toolexec job
 DATABASE, REDIS = 0, 1  # which byte: the lent PostgreSQL connection's, the lent Redis connection's
 HANDED_BACK_FRESH_SECONDS = 1.0  # a connection seen to work this recently is lent unchecked
 
@@ -109,6 +122,7 @@ class ToolexecWorker(Worker):
                 other.close()  # a horse inherits no other database socket
         self._database_ready()  # again: it may have died while this worker waited for the job
         self._redis_ready()
+        self._claim_ahead(job)
         database = connections[DEFAULT_DB_ALIAS]
         self._lent, self._lent_close_at = database.connection, database.close_at
         self._redis_lent_socket = self._redis_spare._sock  # (redis-py keeps it private)
@@ -116,6 +130,7 @@ class ToolexecWorker(Worker):
         try:
             super().execute_job(job, queue)
         finally:
+            job_claims_forget()
             self._database_return()
             self._redis_return()
 
@@ -166,6 +181,16 @@ class ToolexecWorker(Worker):
         connections.close_all()
         super().run_maintenance_tasks()
         jobs_reap()
+
+    def _claim_ahead(self, job: RQJob) -> None:
+        """Claim a toolexec job before forking its horse (``job_claim_ahead``). If that fails,
+        the horse claims it, as it would anyway."""
+        if job.func_name != RUN:
+            return
+        try:
+            job_claim_ahead(job_id=job.args[0], worker_name=self.name)
+        except Exception:
+            logger.exception("Could not claim job %s before forking; its work-horse will", job.id)
 
     def _database_ready(self) -> None:
         """An open, young, working connection to lend to the next horse (PostgreSQL only: an

@@ -333,3 +333,27 @@ def test_a_redis_connection_that_cannot_connect_is_lent_unconnected_and_the_hors
     assert redis.ping() is True
     assert unconnected.is_connected
     unconnected.disconnect()
+
+
+def test_the_worker_claims_a_job_before_it_forks_the_horse_that_runs_it(rq_worker, make_instance, user):
+    rq_worker()
+    instance = make_instance("test-noop", owner=user)
+    job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, message="the job")
+    claimed_at = Job.objects.get(pk=job.pk).started_at
+    # RQ marks the job started in the work-horse; the claim was made before that, in the worker.
+    horse_started_at = RQJob.fetch(job.rq_job_id, connection=django_rq.get_connection()).started_at
+    assert claimed_at < horse_started_at
+
+
+def test_a_claim_ahead_that_fails_is_left_to_the_horse_and_the_worker_lives_on(rq_worker, make_instance, user):
+    worker = rq_worker()
+    broken = django_rq.get_queue("default").enqueue("executions.jobs.run", "not-a-job-id")
+    wait_for(lambda: broken.get_status(refresh=True) == JobStatus.FAILED, message="the job with a bad id to fail")
+    assert f"Could not claim job {broken.id} before forking; its work-horse will" in worker.log()
+    assert "ValidationError" in RQJob.fetch(broken.id, connection=broken.connection).latest_result().exc_string
+
+    instance = make_instance("test-noop", owner=user)
+    job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, message="the next job")
+    assert worker.process.poll() is None
