@@ -183,9 +183,11 @@ class ToolexecWorker(Worker):
         jobs_reap()
 
     def _claim_ahead(self, job: RQJob) -> None:
-        """Claim a toolexec job before forking its horse (``job_claim_ahead``). If that fails,
-        the horse claims it, as it would anyway."""
-        if job.func_name != RUN:
+        """Claim a toolexec job before forking its horse (``job_claim_ahead``), on the session
+        the horse is lent (PostgreSQL only: an SQLite connection must not cross fork(), so
+        there the horse claims). If the claim fails, the horse claims the job, as it would
+        anyway."""
+        if job.func_name != RUN or connections[DEFAULT_DB_ALIAS].vendor != "postgresql":
             return
         try:
             job_claim_ahead(job_id=job.args[0], worker_name=self.name)
