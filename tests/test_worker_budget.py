@@ -151,6 +151,18 @@ def run(func: Any, *args: Any, timeout: float = 30) -> Any:
     return job.return_value(refresh=True)
 
 
+def kill_the_horse_of(holder: Any) -> dict[str, Any]:
+    """Enqueue ``holder``, wait for what it says it holds (and its horse's pid), SIGKILL that
+    horse and wait until it is dead; what it said."""
+    key = f"test:hold:{uuid.uuid4().hex}"
+    django_rq.get_queue("default").enqueue(holder, key, job_timeout=120)
+    _, raw = django_rq.get_connection().blpop([key], timeout=30)
+    held = json.loads(raw)
+    os.kill(held["horse"], signal.SIGKILL)
+    wait_for(lambda: not alive(held["horse"]), timeout=10, message="the horse to die")
+    return held
+
+
 def backend_alive(pid: int) -> bool:
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
@@ -226,13 +238,8 @@ def test_a_horse_finds_the_ciphers_statements_and_redis_greeting_prepared_by_its
 def test_a_horse_killed_mid_transaction_takes_its_session_with_it(rq_worker):
     worker = rq_worker()
     lent = run(backend_pid)
-    key = f"test:hold:{uuid.uuid4().hex}"
-    django_rq.get_queue("default").enqueue(hold_transaction, key, job_timeout=120)
-    _, raw = django_rq.get_connection().blpop([key], timeout=30)
-    held = json.loads(raw)
+    held = kill_the_horse_of(hold_transaction)
     assert held["backend"] == lent  # it ran on the lent session
-    os.kill(held["horse"], signal.SIGKILL)
-    wait_for(lambda: not alive(held["horse"]), timeout=10, message="the horse to die")
     # Not taken back in an unknown state: the worker drops it, the server ends the session
     # and rolls its transaction back.
     wait_for(lambda: not backend_alive(lent), timeout=10, message="the killed horse's session to end")
@@ -279,13 +286,8 @@ def test_every_job_of_a_worker_runs_on_the_one_redis_connection_it_lends(rq_work
 def test_a_horse_killed_mid_command_takes_its_redis_connection_with_it(rq_worker):
     worker = rq_worker()
     lent = run(redis_client_id)
-    key = f"test:block:{uuid.uuid4().hex}"
-    django_rq.get_queue("default").enqueue(redis_block, key, job_timeout=120)
-    _, raw = django_rq.get_connection().blpop([key], timeout=30)
-    held = json.loads(raw)
-    assert held["client"] == lent  # it waits on the lent connection
-    os.kill(held["horse"], signal.SIGKILL)
-    wait_for(lambda: not alive(held["horse"]), timeout=10, message="the horse to die")
+    held = kill_the_horse_of(redis_block)
+    assert held["client"] == lent  # it waited on the lent connection
     # Not lent again with a reply on its way: the worker drops it, the server sees it close.
     wait_for(lambda: lent not in redis_clients(), timeout=10, message="the killed horse's connection to close")
     assert run(redis_client_id) not in {lent, None}
