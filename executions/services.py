@@ -540,36 +540,53 @@ class JobProgress:
             return dict(self._latest)
 
 
+# What a job's run needs from its check: the tool's class, the inputs, the readiness.
+Checked = tuple[type[Tool], dict[str, Any], Readiness]
+
+
 # What a worker's claim ahead of the fork found (job_claim_ahead), for the work-horse that
-# inherits it: {job id: the claimed job, or None for nothing to run}. At most one entry.
-_claimed_ahead: dict[str, Job | None] = {}
+# inherits it: {job id: (the claimed job or None for nothing to run, what checking it gave)}.
+# At most one entry.
+_claimed_ahead: dict[str, tuple[Job | None, Checked | Exception | None]] = {}
 
 
 def job_claim_ahead(*, job_id: str, worker_name: str) -> None:
-    """In a worker, before it forks the work-horse that will run the job: claim it here, where
-    the code is warm, on the connection the horse is lent. The horse inherits the claim and
-    runs the job without claiming again (``job_run``). Building the loaded objects in a
-    freshly forked horse copied page after page (benchmark 4: 44.6 → 41.7 ms a job)."""
+    """In a worker, before it forks the work-horse that will run the job: claim it and check it
+    (``_job_check``: readiness, the inputs unsealed) here, where the code is warm, on the
+    connection the horse is lent. The horse inherits both and goes on from there (``job_run``).
+    Done in a freshly forked horse, the same work copied page after page (benchmark 4: the
+    claim 44.6 → 41.7 ms a job; the check, docs/benchmarks.md).
+
+    What the check raises is kept for the horse to raise, so a job is refused or failed just as
+    if the horse had checked it. A claim that raises keeps nothing: the horse claims then."""
     _claimed_ahead.clear()
-    _claimed_ahead[job_id] = job_claim(job_id=job_id, worker_name=worker_name)
+    job = job_claim(job_id=job_id, worker_name=worker_name)
+    checked: Checked | Exception | None = None
+    if job is not None:
+        try:
+            checked = _job_check(job)
+        except Exception as exc:  # noqa: BLE001 - the horse's to raise, where job_run handles it
+            checked = exc
+    _claimed_ahead[job_id] = (job, checked)
 
 
 def job_claims_forget() -> None:
-    """In the worker, once its horse has ended: the claim was the horse's to run."""
+    """In the worker, once its horse has ended: the claim was the horse's to run (and the
+    inputs it unsealed are not kept)."""
     _claimed_ahead.clear()
 
 
 def job_run(*, job_id: str, worker_name: str = "") -> None:
-    """The worker's side of an async run: claim the job (unless the worker forking this
-    process claimed it already: ``job_claim_ahead``), run the tool, record the outcome once.
+    """The worker's side of an async run: claim and check the job (unless the worker forking
+    this process did: ``job_claim_ahead``), run the tool, record the outcome once.
 
     A job that is gone, already claimed, cancelled or finished is left alone (a duplicate
     delivery runs nothing). An owner already running their share waits for a later turn.
     """
     if job_id in _claimed_ahead:
-        job = _claimed_ahead.pop(job_id)
+        job, checked = _claimed_ahead.pop(job_id)
     else:
-        job = job_claim(job_id=job_id, worker_name=worker_name)
+        job, checked = job_claim(job_id=job_id, worker_name=worker_name), None
     if job is None:
         return
     execution, definition = job.execution, job.execution.tool
@@ -577,7 +594,8 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     account = getattr(job.owner, "credit_account", None)
     started = time.monotonic()
     try:
-        tool, inputs, resolved = _job_prepare(job)
+        tool_class, inputs, readiness = _job_check(job) if checked is None else _raised_or(checked)
+        tool, resolved = tool_class(), credentials_resolve(credentials=readiness.credentials)
     except RefusedAtStart as refused:
         _job_end(job, Outcome(Execution.Status.FAILED, error=refused.body), 0, account)
         return
@@ -655,8 +673,9 @@ def job_claim(*, job_id: str, worker_name: str) -> Job | None:
     return job
 
 
-def _job_prepare(job: Job) -> tuple[Tool, dict[str, Any], dict[str, ResolvedCredential]]:
-    """What the tool needs, checked again now: it may have changed since the job was queued."""
+def _job_check(job: Job) -> Checked:
+    """What the tool needs, checked again now: it may have changed since the job was queued.
+    (Its credentials are resolved by whoever runs it: that may refresh a token over HTTP.)"""
     instance = job.instance
     if instance is None:
         raise Cancelled("The instance was deleted before the job started.")
@@ -671,7 +690,13 @@ def _job_prepare(job: Job) -> tuple[Tool, dict[str, Any], dict[str, ResolvedCred
         readiness.checks = blocking
         raise RefusedAtStart(readiness.refusal()[1])
     inputs = unseal(job.sealed_inputs, row_id=str(job.pk), owner_id=job.owner_id)
-    return tool_class(), inputs, credentials_resolve(credentials=readiness.credentials)
+    return tool_class, inputs, readiness
+
+
+def _raised_or(checked: Checked | Exception) -> Checked:
+    if isinstance(checked, Exception):
+        raise checked
+    return checked
 
 
 def _job_end(

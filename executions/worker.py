@@ -25,10 +25,11 @@ and five so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4)
   trips): in a freshly forked process that first command took 4.0 ms, and 1.6 ms on a
   connection it is given. A horse that does not hand it back (killed, or left it busy or
   disconnected) takes it with it: this process disconnects its copy;
-- the worker claims each job before it forks the horse (``job_claim_ahead``), on the session
-  it then lends: the horse inherits the claimed job with its related rows. Built in the horse,
-  those objects cost a freshly forked process 2 ms of copied pages. If the claim fails here,
-  the horse claims the job itself, as it always could;
+- the worker claims and checks each job before it forks the horse (``job_claim_ahead``), on
+  the session it then lends: the horse inherits the claimed job with its related rows, its
+  readiness and its unsealed inputs. Built in the horse, those cost a freshly forked process
+  3 ms of copied pages. If the claim fails here, the horse claims the job itself, as it always
+  could; what the check raises, the horse raises;
 - what the worker has built by the time it starts working (Django, the app, the catalog) is
   frozen out of the garbage collector's sight, so a collection in a horse does not walk, and
   copy page by page, the parent's whole heap;
@@ -183,10 +184,10 @@ class ToolexecWorker(Worker):
         jobs_reap()
 
     def _claim_ahead(self, job: RQJob) -> None:
-        """Claim a toolexec job before forking its horse (``job_claim_ahead``), on the session
-        the horse is lent (PostgreSQL only: an SQLite connection must not cross fork(), so
-        there the horse claims). If the claim fails, the horse claims the job, as it would
-        anyway."""
+        """Claim and check a toolexec job before forking its horse (``job_claim_ahead``), on
+        the session the horse is lent (PostgreSQL only: an SQLite connection must not cross
+        fork(), so there the horse claims). If the claim fails, the horse claims the job, as it
+        would anyway."""
         if job.func_name != RUN or connections[DEFAULT_DB_ALIAS].vendor != "postgresql":
             return
         try:

@@ -22,10 +22,11 @@ from django.db import connection, transaction
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
-from executions.models import Job
+from executions.models import Execution, Job
 from executions.services import execution_enqueue
 from tests.conftest import wait_for
 from tests.test_async_worker import alive
+from tools.models import ToolDefinition
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -358,4 +359,37 @@ def test_a_claim_ahead_that_fails_is_left_to_the_horse_and_the_worker_lives_on(r
     instance = make_instance("test-noop", owner=user)
     job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
     wait_for(lambda: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, message="the next job")
+    assert worker.process.poll() is None
+
+
+def test_a_job_switched_off_while_queued_is_refused_by_the_workers_check(rq_worker, make_instance, user):
+    instance = make_instance("test-noop", owner=user)
+    job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
+    ToolDefinition.objects.filter(slug="test-noop").update(is_active=False)
+
+    worker = rq_worker()  # checks the job ahead of the fork; its horse ends it with the refusal
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == Job.Status.FAILED, message="the job to be refused")
+    execution = Execution.objects.get(pk=job.execution_id)
+    assert execution.error_code == "TOOL_INACTIVE"
+    assert execution.credits_consumed == 0
+    assert RQJob.fetch(job.rq_job_id, connection=django_rq.get_connection()).get_status() == JobStatus.FINISHED
+    assert "Could not claim" not in worker.log()
+
+
+def test_a_check_that_fails_unexpectedly_in_the_worker_fails_in_the_horse_and_the_worker_lives_on(
+    rq_worker, make_instance, user
+):
+    instance = make_instance("test-noop", owner=user)
+    job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
+    Job.objects.filter(pk=job.pk).update(sealed_inputs="not a sealed token")
+
+    worker = rq_worker()
+    rq_job = RQJob.fetch(job.rq_job_id, connection=django_rq.get_connection())
+    wait_for(lambda: rq_job.get_status(refresh=True) == JobStatus.FAILED, message="the RQ job to fail")
+    # Raised in the horse, as if the horse had checked the job itself.
+    assert "SecretUnreadable" in rq_job.latest_result().exc_string
+    assert "Could not claim" not in worker.log()
+
+    following = execution_enqueue(instance=instance, inputs={"echo": "y"}).job
+    wait_for(lambda: Job.objects.get(pk=following.pk).status == Job.Status.COMPLETED, message="the next job")
     assert worker.process.poll() is None
