@@ -24,12 +24,20 @@ from toolexec.sql import Loader, Prepared, execute
 
 from .models import Execution, Job
 
-# What ``select_related("execution__tool", "instance__tool", "owner__credit_account")`` loads.
+# What ``select_related("execution__tool", "instance", "owner__credit_account")`` loads. The
+# instance's tool is the execution's (an instance keeps the tool it was made with): that row is
+# loaded once and given to both (``_tool_shared``).
 _JOB = Loader(
     Job,
-    related=("execution", "execution__tool", "instance", "instance__tool", "owner", "owner__credit_account"),
+    related=("execution", "execution__tool", "instance", "owner", "owner__credit_account"),
     where=("id",),
 )
+
+
+def _tool_shared(job: Job | None) -> Job | None:
+    if job is not None and job.instance is not None and job.instance.tool_id == job.execution.tool_id:
+        job.instance.tool = job.execution.tool
+    return job
 
 
 @cache
@@ -80,8 +88,8 @@ def job_load_and_claim(
     """Claim the job, QUEUED → RUNNING with its execution, if its owner runs fewer than
     ``share`` jobs; return the job as it was before the claim (with its execution and the
     execution's tool, its instance and the instance's tool, its owner and the owner's credit
-    account: what ``select_related`` would give), or None if there is no such job, and whether
-    this call claimed it.
+    account: what ``select_related`` would give, the tool one object), or None if there is no
+    such job, and whether this call claimed it.
 
     Claims of one owner's jobs take turns on a lock on the owner's row, held until the claim
     commits, so two workers can't both take the owner's last free place. On PostgreSQL that is
@@ -103,14 +111,14 @@ def job_load_and_claim(
         row = cursor.fetchone()
     if row is None:
         return None, False
-    return _JOB.from_row(row, using=alias), row[-1]
+    return _tool_shared(_JOB.from_row(row, using=alias)), row[-1]
 
 
 def _load_and_claim_through_the_orm(
     job_id: Any, *, worker_name: str, share: int, now: datetime, alias: str
 ) -> tuple[Job | None, bool]:
     with transaction.atomic(using=alias):
-        job = _JOB.load(job_id, using=alias)
+        job = _tool_shared(_JOB.load(job_id, using=alias))
         if job is None or job.status != Job.Status.QUEUED:
             return job, False
         jobs = Job.objects.using(alias)

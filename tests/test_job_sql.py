@@ -56,6 +56,7 @@ def test_a_job_is_claimed_and_loaded_in_one_round_trip_with_what_select_related_
         assert fields(got) == fields(want), type(want).__name__  # JSON, decimals, times converted alike
         assert not got._state.adding and got._state.db == "default"
     assert fields(account) == fields(expected.owner.credit_account)
+    assert job.instance.tool is job.execution.tool  # one row, loaded once
 
 
 def test_a_job_without_an_instance_or_a_credit_account_loads_them_as_none(
