@@ -603,6 +603,10 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
         status = _STATUS_FOR_ERROR.get(exc.code, Execution.Status.FAILED)
         _job_end(job, Outcome(status, error=exc.envelope(params)), 0, account)
         return
+    except Exception:  # ours, not the tool's (inputs that no longer open, say): end it now, not at the reaper
+        logger.exception("Job %s could not start", job.pk)
+        _job_end(job, Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.INTERNAL_ERROR, params)), 0, account)
+        return
     ctx = ExecutionContext(
         execution_id=str(execution.pk),
         tool_slug=definition.slug,

@@ -376,18 +376,21 @@ def test_a_job_switched_off_while_queued_is_refused_by_the_workers_check(rq_work
     assert "Could not claim" not in worker.log()
 
 
-def test_a_check_that_fails_unexpectedly_in_the_worker_fails_in_the_horse_and_the_worker_lives_on(
+def test_a_check_that_fails_unexpectedly_in_the_worker_ends_the_job_failed_and_the_worker_lives_on(
     rq_worker, make_instance, user
 ):
     instance = make_instance("test-noop", owner=user)
     job = execution_enqueue(instance=instance, inputs={"echo": "x"}).job
     Job.objects.filter(pk=job.pk).update(sealed_inputs="not a sealed token")
 
-    worker = rq_worker()
-    rq_job = RQJob.fetch(job.rq_job_id, connection=django_rq.get_connection())
-    wait_for(lambda: rq_job.get_status(refresh=True) == JobStatus.FAILED, message="the RQ job to fail")
-    # Raised in the horse, as if the horse had checked the job itself.
-    assert "SecretUnreadable" in rq_job.latest_result().exc_string
+    worker = rq_worker()  # the worker's check raises; its horse raises it again and ends the job
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == Job.Status.FAILED, message="the job to fail")
+    execution = Execution.objects.get(pk=job.execution_id)
+    assert execution.error_code == "INTERNAL_ERROR"
+    assert execution.credits_consumed == 0
+    assert f"Job {job.pk} could not start" in worker.log()
+    assert "SecretUnreadable" in worker.log()  # the traceback is the operator's, not the user's
+    assert "SecretUnreadable" not in json.dumps(execution.error_metadata) + execution.error_message
     assert "Could not claim" not in worker.log()
 
     following = execution_enqueue(instance=instance, inputs={"echo": "y"}).job
