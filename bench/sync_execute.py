@@ -136,9 +136,9 @@ def transactions_per_request(paths: dict[str, str], token: str) -> dict[str, dic
 
 # Where a product request spends its time, phase by phase (in-process, wrapped for the measurement).
 PHASES = (
-    ("rest_framework.views", "APIView", "perform_authentication", "authentication (token + user query)"),
+    ("rest_framework.views", "APIView", "perform_authentication", "authentication (token, user, instance: 1 query)"),
     ("rest_framework.views", "APIView", "check_throttles", "throttles (Redis)"),
-    ("executions.api", "InstanceRunViewSet", "get_object", "instance lookup (query)"),
+    ("executions.api", "InstanceRunViewSet", "get_object", "instance (loaded with the token)"),
     ("executions.services", None, "execution_prepare", "readiness + input validation"),
     ("executions.services", None, "execution_record_start", "record the attempt (INSERT)"),
     ("executions.services", None, "_run_with_time_limit", "run the tool in its thread"),

@@ -16,8 +16,9 @@ from rest_framework.response import Response
 
 from instances.api import tool_inputs_serializer
 from instances.models import ToolInstance
-from instances.selectors import instance_list, instance_of
+from instances.selectors import instance_list, instance_of, token_and_instance
 from toolexec.api import NewestFirstPagination
+from toolexec.models import ApiToken
 
 from .models import Execution, Job, Mode
 from .selectors import execution_list, job_list
@@ -194,17 +195,33 @@ AsyncAccepted = inline_serializer(
 )
 
 
+_NOT_LOADED = object()
+
+
 class InstanceRunViewSet(viewsets.GenericViewSet):
     """Running an instance. The request body is the tool's inputs, a JSON object."""
+
+    # The instance, when token authentication loaded it (load_with_token); else looked up apart.
+    _instance_with_token: ToolInstance | None | object = _NOT_LOADED
 
     def get_queryset(self) -> QuerySet[ToolInstance]:
         if getattr(self, "swagger_fake_view", False):  # schema generation
             return ToolInstance.objects.none()
         return instance_list(owner=self.request.user)
 
+    def load_with_token(self, key_hash: str) -> ApiToken | None:
+        """The request's API token and, in the same statement, the instance the URL names: a
+        run's first round trip instead of two (benchmark 1 in docs/benchmarks.md). Token
+        authentication calls this instead of loading the token alone."""
+        token, self._instance_with_token = token_and_instance(key_hash=key_hash, instance_id=self.kwargs["pk"])
+        return token
+
     def get_object(self) -> ToolInstance:
-        # What get_queryset().get(pk=…) would load, in a statement written once (instance_of).
-        instance = instance_of(owner=self.request.user, instance_id=self.kwargs["pk"])
+        # What get_queryset().get(pk=…) would load: with the token when a token signed the request
+        # in, else in a statement of its own (a session's, in the browsable API).
+        instance = self._instance_with_token
+        if instance is _NOT_LOADED:
+            instance = instance_of(owner=self.request.user, instance_id=self.kwargs["pk"])
         if instance is None:
             raise Http404
         self.check_object_permissions(self.request, instance)

@@ -12,6 +12,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from executions.models import Execution
 from instances.models import ToolInstance
 from toolexec.models import ApiToken
 
@@ -181,6 +182,68 @@ def test_token_path_works_without_trailing_slash(user):
 
 def test_token_endpoint_answers_only_post(db):
     assert_envelope(APIClient().get("/api/v1/auth/token/"), 405, "METHOD_NOT_ALLOWED")
+
+
+# --- the run endpoints, whose token authentication loads the instance too -----------------
+
+RUNS = ["execute-sync", "execute-async"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_run_with_the_token_of_a_deactivated_user_is_refused_and_records_nothing(user, make_instance, run):
+    instance = make_instance(owner=user)
+    key = sign_in(APIClient(), user.username, PASSWORD).json()["token"]
+    get_user_model().objects.filter(pk=user.pk).update(is_active=False)
+
+    response = token_client(key).post(f"/api/v1/instances/{instance.pk}/{run}", {}, format="json")
+
+    assert_envelope(response, 401, "NOT_AUTHENTICATED")
+    assert not Execution.objects.exists()
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_run_with_an_unknown_token_is_refused(user, make_instance, run):
+    instance = make_instance(owner=user)
+
+    response = token_client("not-a-token-anyone-was-given").post(
+        f"/api/v1/instances/{instance.pk}/{run}", {}, format="json"
+    )
+
+    assert_envelope(response, 401, "NOT_AUTHENTICATED")
+    assert not Execution.objects.exists()
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_run_of_someone_elses_instance_is_not_found_in_one_query(
+    user, other_user, make_instance, run, django_assert_num_queries
+):
+    """The token and the instance come in one statement; the instance of another user in it
+    is dropped, so the answer is the 404 of an instance that does not exist."""
+    theirs = make_instance(owner=other_user)
+    _, key = ApiToken.issue(user=user)
+
+    with django_assert_num_queries(1):
+        response = token_client(key).post(f"/api/v1/instances/{theirs.pk}/{run}", {}, format="json")
+
+    assert_envelope(response, 404, "NOT_FOUND")
+    assert not Execution.objects.exists()
+
+
+@pytest.mark.parametrize("instance_id", ["not-a-uuid", "00000000-0000-0000-0000-000000000000"])
+def test_run_of_an_instance_id_that_is_no_instance_is_not_found(user, instance_id):
+    _, key = ApiToken.issue(user=user)
+
+    response = token_client(key).post(f"/api/v1/instances/{instance_id}/execute-sync", {}, format="json")
+
+    assert_envelope(response, 404, "NOT_FOUND")
+
+
+def test_an_unknown_token_is_refused_whatever_the_instance_id(db):
+    response = token_client("not-a-token-anyone-was-given").post(
+        "/api/v1/instances/not-a-uuid/execute-sync", {}, format="json"
+    )
+
+    assert_envelope(response, 401, "NOT_AUTHENTICATED")
 
 
 # --- sessions and the browsable API -----------------------------------------------------

@@ -18,12 +18,13 @@ from tests.factories import UserFactory
 from toolexec.models import ApiToken
 from tools.models import ToolDefinition
 
-# The token, the instance (with its tool and the owner's credit account), the attempt, the
-# outcome (execution, instance statistics; one statement: toolexec/sql.py).
-SYNC_RUN_BUDGET = 4
+# The token beside the instance (with its tool and the owner's credit account; one statement:
+# InstanceRunViewSet.load_with_token), the attempt, the outcome (execution, instance
+# statistics; one statement: toolexec/sql.py).
+SYNC_RUN_BUDGET = 3
 # A priced run holds its minimum price in the attempt's statement, so concurrent runs can't
 # spend the same credits, and settles it with the ledger entry in the outcome's.
-PRICED_RUN_BUDGET = 4
+PRICED_RUN_BUDGET = 3
 
 pytestmark = pytest.mark.django_db
 
@@ -67,7 +68,7 @@ def _executions_of(instance: ToolInstance, count: int, inputs: dict) -> None:
 # --- A sync run -------------------------------------------------------------------------
 
 
-def test_sync_run_of_a_free_tool_takes_four_queries(api, user, make_instance, django_assert_num_queries):
+def test_sync_run_of_a_free_tool_takes_three_queries(api, user, make_instance, django_assert_num_queries):
     instance = make_instance("test-noop", owner=user)
 
     with django_assert_num_queries(SYNC_RUN_BUDGET):
@@ -76,7 +77,7 @@ def test_sync_run_of_a_free_tool_takes_four_queries(api, user, make_instance, dj
     assert _ok(response)["data"] == {"echo": "hi"}
 
 
-def test_sync_run_of_a_priced_tool_takes_four_queries_too(api, user, make_instance, django_assert_num_queries):
+def test_sync_run_of_a_priced_tool_takes_three_queries_too(api, user, make_instance, django_assert_num_queries):
     instance = make_instance("json-transform", owner=user)
 
     with django_assert_num_queries(PRICED_RUN_BUDGET):
@@ -89,7 +90,7 @@ def test_sync_run_of_a_priced_tool_takes_four_queries_too(api, user, make_instan
     assert body["credits_consumed"] == pytest.approx(0.01)
 
 
-def test_sync_run_with_usage_pricing_takes_four_queries_too(api, user, make_instance, django_assert_num_queries):
+def test_sync_run_with_usage_pricing_takes_three_queries_too(api, user, make_instance, django_assert_num_queries):
     instance = make_instance("test-priced", owner=user)
 
     with django_assert_num_queries(PRICED_RUN_BUDGET):
@@ -99,7 +100,7 @@ def test_sync_run_with_usage_pricing_takes_four_queries_too(api, user, make_inst
 
 
 @pytest.mark.django_db(transaction=True)
-def test_priced_sync_run_outside_a_test_transaction_takes_four_queries(
+def test_priced_sync_run_outside_a_test_transaction_takes_three_queries(
     api, user, make_instance, django_assert_num_queries
 ):
     """As in production: no surrounding test transaction, so no savepoints in the count."""
@@ -117,7 +118,7 @@ def test_refused_run_is_cheaper_than_a_run(api, user, make_instance, django_asse
     instance = make_instance("test-noop", owner=user)
     ToolInstance.objects.filter(pk=instance.pk).update(status=ToolInstance.Status.DISABLED)
 
-    with django_assert_max_num_queries(4):
+    with django_assert_max_num_queries(1):
         response = api.post(f"/api/v1/instances/{instance.pk}/execute-sync", {}, format="json")
 
     assert response.status_code == 409

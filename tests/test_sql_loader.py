@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from instances.models import CreditAccount, ToolInstance
 from instances.selectors import instance_of
 from toolexec.models import ApiToken, token_hash
-from toolexec.sql import Loader
+from toolexec.sql import Loader, LoaderPair
 
 pytestmark = [pytest.mark.django_db]
 
@@ -75,6 +75,43 @@ def test_a_token_loads_with_its_user():
     token, key = ApiToken.issue(user=user)
     loaded = Loader(ApiToken, related=("user",), where=("key_hash",)).load(token_hash(key))
     assert loaded.pk == token.pk and fields(loaded.user) == fields(user)
+
+
+TOKEN = Loader(ApiToken, related=("user",), where=("key_hash",))
+BY_ID = Loader(ToolInstance, related=("tool",), where=("id",))
+
+
+def test_a_pair_loads_both_rows_as_their_loaders_do_in_one_statement(make_instance, user, other_user):
+    _, key = ApiToken.issue(user=user)
+    instance = make_instance("test-noop", owner=other_user, config={"echo": "default"})
+
+    with CaptureQueriesContext(connection) as captured:
+        token, loaded = LoaderPair(TOKEN, BY_ID).load((token_hash(key),), (str(instance.pk),))
+
+    assert len(captured) == 1
+    want_token, want_instance = TOKEN.load(token_hash(key)), BY_ID.load(instance.pk)
+    for got, want in [(token, want_token), (token.user, want_token.user), (loaded, want_instance)]:
+        assert fields(got) == fields(want), type(want).__name__
+    assert fields(loaded.tool) == fields(want_instance.tool)
+
+
+def test_a_pair_without_its_second_row_gives_none_for_it(user):
+    _, key = ApiToken.issue(user=user)
+
+    token, loaded = LoaderPair(TOKEN, BY_ID).load((token_hash(key),), ("00000000-0000-0000-0000-000000000000",))
+
+    assert token.user == user and loaded is None
+
+
+def test_a_pair_without_its_first_row_gives_neither(make_instance, user):
+    instance = make_instance("test-noop", owner=user)
+
+    assert LoaderPair(TOKEN, BY_ID).load(("no such hash",), (instance.pk,)) == (None, None)
+
+
+def test_a_pair_refuses_a_value_that_is_no_id_as_its_loader_does(user):
+    with pytest.raises(ValidationError):
+        LoaderPair(TOKEN, BY_ID).load(("a hash",), ("not-a-uuid",))
 
 
 @pytest.mark.postgres

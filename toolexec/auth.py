@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.contrib.auth import authenticate
 from django.contrib.auth.models import AbstractBaseUser
 from rest_framework import exceptions
@@ -13,12 +15,23 @@ _TOKEN = Loader(ApiToken, related=("user",), where=("key_hash",))
 
 
 class HashedTokenAuthentication(TokenAuthentication):
-    """`Authorization: Token <key>`, looked up by the key's hash."""
+    """`Authorization: Token <key>`, looked up by the key's hash.
+
+    A view that needs a row of its own on every request may load it with the token, in one
+    statement: its ``load_with_token(key_hash)`` returns the token (with its user) or None, and
+    keeps what it loaded beside it.
+    """
 
     model = ApiToken
+    view: Any = None
+
+    def authenticate(self, request: Request) -> tuple[AbstractBaseUser, ApiToken] | None:
+        self.view = (request.parser_context or {}).get("view")
+        return super().authenticate(request)
 
     def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, ApiToken]:
-        token = _TOKEN.load(token_hash(key))
+        load_with_token = getattr(self.view, "load_with_token", None)
+        token = _TOKEN.load(token_hash(key)) if load_with_token is None else load_with_token(token_hash(key))
         if token is None or not token.user.is_active:
             raise exceptions.AuthenticationFailed("That API token is not valid: sign in again for a new one.")
         return token.user, token

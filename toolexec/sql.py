@@ -11,7 +11,8 @@ All the writes of one statement see the database as it was when the statement be
 two of them may change the same row (PostgreSQL would make only one of the changes).
 
 For the same paths: ``insert`` (one new row), ``Loader`` (a select_related load of one row, its
-SQL written once), and ``Prepared``, a statement a kept PostgreSQL session plans only once.
+SQL written once; ``LoaderPair``, two of them in one statement), and ``Prepared``, a statement a
+kept PostgreSQL session plans only once.
 """
 
 from __future__ import annotations
@@ -291,6 +292,38 @@ class Loader:
         if self.lock and connection.features.has_select_for_no_key_update:  # PostgreSQL; SQLite locks no rows
             sql += f" FOR NO KEY UPDATE OF t{paths[self.lock]}"
         return sql, tuple(parts)
+
+
+class LoaderPair:
+    """``first.load(…)`` and ``second.load(…)`` in one statement, for a path that needs two
+    unrelated rows before it can do anything: one round trip instead of two. The second row is
+    looked for only beside a first one (``(None, None)`` when there is no first)."""
+
+    def __init__(self, first: Loader, second: Loader) -> None:
+        self.first, self.second = first, second
+        self._prepared: dict[str, Prepared] = {}
+
+    def load(
+        self, first: tuple[Any, ...], second: tuple[Any, ...], *, using: str = "default"
+    ) -> tuple[Model | None, Model | None]:
+        """The objects ``first.load(*first)`` and ``second.load(*second)`` would give; raises
+        ``ValidationError`` for a malformed key, as they would."""
+        params = [*self.first.params(*first, using=using), *self.second.params(*second, using=using)]
+        with connections[using].cursor() as cursor:
+            execute(cursor, (self.statement(using), params))
+            row = cursor.fetchone()
+        if row is None:
+            return None, None
+        width = sum(len(part.attnames) for part in self.first.sql(using)[1])
+        return self.first.from_row(row, using=using), self.second.from_row(row[width:], using=using)
+
+    def statement(self, using: str = "default") -> Prepared:
+        if using not in self._prepared:
+            first, second = self.first.sql(using)[0], self.second.sql(using)[0]
+            # Each subquery names its own tables (t0, t1, …); the outer one only lays them side by side.
+            sql = f"SELECT a.*, b.* FROM ({first}) a LEFT OUTER JOIN ({second}) b ON TRUE"
+            self._prepared[using] = Prepared(sql)
+        return self._prepared[using]
 
 
 # --- Statements planned once per session -----------------------------------------------------
