@@ -1,8 +1,10 @@
 """Benchmark 1: execute-sync of a no-op tool through gunicorn (2 sync workers) against a plain
 Django view doing the least SQL of a recorded run (bench/baseline), with wrk at 1 and 8
-connections, alternating product and baseline rounds; a third arm, the framework floor (the
-baseline's statements in a DRF view with the product's authentication and throttles), shows
-how much of the gap any DRF endpoint pays."""
+connections, alternating product and baseline rounds. Two more arms run the baseline's
+statements behind the guards every API request passes: *guarded*, a plain Django view with the
+product's token statement and throttle round trip (the least any authenticated, throttled
+endpoint pays), and the framework floor (a DRF view with the product's authentication and
+throttles: what any DRF endpoint pays)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from .common import ROUNDS, Arms, Gunicorn, PgStats, ab_rounds, ms, verdict, wrk
 
 TITLE = "benchmark 1: sync execute overhead"
 ROUND_SECONDS = 5
-ARMS = ("product", "floor", "baseline")
-AUTHENTICATED = {"product", "floor"}
+ARMS = ("product", "floor", "guarded", "baseline")
+AUTHENTICATED = {"product", "floor", "guarded"}
 CONNECTIONS = (1, 8)
 BODY = '{"echo": "bench"}'
 
@@ -39,6 +41,7 @@ def fixtures() -> dict[str, str]:
         "token": key,
         "product": f"/api/v1/instances/{instance.pk}/execute-sync",
         "floor": "/bench/framework-floor/execute",
+        "guarded": "/bench/guarded/execute",
         "baseline": "/bench/baseline/execute",
     }
 
@@ -234,6 +237,10 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "an UPDATE of that row and a counter UPDATE in one transaction. The *floor* arm runs the same "
         "statements in a DRF `APIView` with the product's settings (token authentication, throttles, "
         "renderers): not a target, it shows what of the gap any token-authenticated DRF endpoint pays. "
+        "The *guarded* arm runs them in a plain Django view (no DRF) after the product's own token "
+        "statement (`toolexec.auth`: the token and its user by the key's hash, one SELECT) and its "
+        "own per-user throttle (`toolexec.throttles.UserThrottle`: one Redis round trip): not a target "
+        "either, it is the least any endpoint that authenticates and throttles each request pays. "
         f"wrk with a JSON body, {result['round_seconds']} s per round, one warm-up round per arm, then "
         f"{ROUNDS} rounds alternating the order (A B, B A, …). Latency figures are the median "
         "and the p99 *over rounds* of each round's own p50 / p99 from wrk; throughput likewise.",
@@ -252,10 +259,13 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
             )
         p50_ratio = arms.median("product", "p50_ms") / arms.median("baseline", "p50_ms")
         rps_ratio = arms.median("product", "rps") / arms.median("baseline", "rps")
-        floor = arms.median("floor", "p50_ms")
+        floor, base = arms.median("floor", "p50_ms"), arms.median("baseline", "p50_ms")
         ratios.append(
-            f"at {connections} connection{'s' if connections > 1 else ''}, the floor's p50 is "
-            f"{floor / arms.median('baseline', 'p50_ms'):.2f}× the baseline's and the product's "
+            f"at {connections} connection{'s' if connections > 1 else ''}, the guarded arm's p50 is "
+            f"{arms.median('guarded', 'p50_ms') / base:.2f}× the baseline's and its throughput "
+            f"{arms.median('guarded', 'rps') / arms.median('baseline', 'rps'):.0%} of it; the floor's p50 is "
+            f"{floor / base:.2f}× the baseline's and its throughput "
+            f"{arms.median('floor', 'rps') / arms.median('baseline', 'rps'):.0%}; the product's p50 is "
             f"{arms.median('product', 'p50_ms') / floor:.2f}× the floor's"
         )
         verdicts.append(
@@ -266,7 +276,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"| 1. sync, {connections} conn | throughput product / baseline | {rps_ratio:.0%} | "
             f"≥ {TARGET['rps_ratio_min']:.0%} | {verdict(rps_ratio >= TARGET['rps_ratio_min'])} |"
         )
-    lines += ["", f"Framework floor: {'; '.join(ratios)}."]
+    lines += ["", f"Guards and framework: {'; '.join(ratios)}."]
     st, xa = result["statements"], result["xacts"]
     write_xacts = st["product"]["write_xacts"]
     verdicts.append(

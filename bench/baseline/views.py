@@ -2,9 +2,13 @@
 needs, in the product's two transactions: the attempt (INSERT, autocommit), then the outcome
 (UPDATE of that row and a counter UPDATE, one transaction).
 
-Beside it, the same statements in a DRF view with the product's authentication, throttles and
-renderers (``framework_floor``): what any token-authenticated DRF endpoint pays before it does
-anything of its own, to tell the framework's share of the product's overhead from ours."""
+Beside it, the same statements behind the two guards DESIGN.md asks of every API request:
+- ``guarded``: a plain Django view that authenticates with the product's own token statement and
+  counts the request with the product's own throttle (one Redis round trip), nothing else: the
+  least any authenticated, throttled endpoint pays, with or without DRF;
+- ``framework_floor``: a DRF view with the product's authentication, throttles and renderers:
+  what any token-authenticated DRF endpoint pays before it does anything of its own, to tell
+  the framework's share of the product's overhead from ours."""
 
 import json
 import uuid
@@ -16,6 +20,10 @@ from django.views.decorators.http import require_POST
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
+
+from toolexec.auth import _TOKEN
+from toolexec.models import token_hash
+from toolexec.throttles import UserThrottle
 
 TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS bench_baseline_run (
@@ -51,6 +59,19 @@ def _record(inputs: dict) -> dict:
 @csrf_exempt
 @require_POST
 def baseline_execute(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(_record(json.loads(request.body or b"{}")))
+
+
+@csrf_exempt
+@require_POST
+def guarded_execute(request: HttpRequest) -> JsonResponse:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    token = _TOKEN.load(token_hash(key)) if scheme == "Token" and key else None
+    if token is None or not token.user.is_active:
+        return JsonResponse({"success": False, "error": {"code": "PERMISSION_DENIED"}}, status=401)
+    request.user = token.user
+    if not UserThrottle().allow_request(request, None):
+        return JsonResponse({"success": False, "error": {"code": "THROTTLED"}}, status=429)
     return JsonResponse(_record(json.loads(request.body or b"{}")))
 
 
