@@ -62,6 +62,13 @@ class Execution(models.Model):
             models.Index(fields=["owner", "status", "-created_at"], name="execution_owner_status_idx"),
             # Everyone's last 24 hours: the staff status overview and the admin's date hierarchy.
             models.Index(fields=["-created_at"], name="execution_created_idx"),
+            # The admin's status filter on runs not yet ended: a handful of rows among millions,
+            # which no index above finds without reading all of it.
+            models.Index(
+                fields=["-created_at"],
+                condition=Q(status__in=["PENDING", "RUNNING"]),
+                name="execution_unfinished_idx",
+            ),
         ]
         constraints = [
             # Idempotency-Key: one execution per owner and key.
