@@ -20,7 +20,9 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.runtime-installed
 	$(BIN)/python scripts/run.py
 
+# The browser tests' Chromium and chromedriver come from Debian's packages: installed when missing.
 test: $(VENV)/.dev-installed
+	@bash scripts/browser.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks beside their baselines (not tests): rewrites docs/benchmarks.md. Needs wrk (Debian).

@@ -1,6 +1,7 @@
-"""Headless Chromium for the browser tests: Debian's chromium and chromedriver, as `.ci/run`
-installs them, with the flags this closed network needs and a fresh profile per test."""
+"""Headless Chromium for the browser tests: Debian's chromium and chromedriver, as `make test`
+installs them (scripts/browser.sh), with the flags this closed network needs and a fresh profile per test."""
 
+import os
 from pathlib import Path
 
 from selenium import webdriver
@@ -9,6 +10,7 @@ from selenium.webdriver.chrome.service import Service
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+BROWSER_AVAILABLE = os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)
 CHROME_ARGS = [
     "--headless=new",
     "--no-sandbox",

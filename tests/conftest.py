@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
+from tests.browser import BROWSER_AVAILABLE
 from tests.factories import UserFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="Redis is not reachable (see the warning above)"))
         if "postgres" in item.keywords and not POSTGRES_AVAILABLE:
             item.add_marker(pytest.mark.skip(reason="PostgreSQL is not reachable (see the warning above)"))
+        if "browser" in item.keywords and not BROWSER_AVAILABLE:
+            # Under CI=true `make test` stops before pytest when it cannot install them.
+            item.add_marker(pytest.mark.skip(reason="Chromium is not installed (see `make test`'s message)"))
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ from tests.browser import chromium
 from tests.conftest import wait_for
 from tests.factories import PASSWORD, UserFactory
 
-pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 
 class Console:

@@ -30,7 +30,7 @@ from tests.browser import chromium
 from tests.factories import PASSWORD
 from tests.test_status_pages import failure, record
 
-pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 DESKTOP = 1280
 PHONE = 390
