@@ -113,12 +113,21 @@ class Job(models.Model):
     # The run's real inputs (the Execution keeps a redacted copy), encrypted and bound to this
     # row, for the worker to read; blanked once the job ends.
     sealed_inputs = EncryptedSecretField(blank=True, editable=False)
-    # One entry per finished attempt: {"attempt", "worker", "started_at", "finished_at", "error_code"}.
+    # One entry per finished attempt: {"attempt", "worker", "started_at", "finished_at", "error_code"};
+    # and one each time the queue lost the job: {"event": "queue_lost", "message", "queued_again_at"}.
     attempt_log = models.JSONField(default=list, blank=True)
     worker_name = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # When the job was last handed to RQ: accepted, retried, sent to wait for a fair-share turn,
+    # or queued again after Redis lost it. A QUEUED job RQ does not know is queued again only
+    # once this is TOOLEXEC_QUEUE_RECOVERY_SECONDS old, so one between its commit and its
+    # enqueue is not doubled (jobs_requeue_lost).
     enqueued_at = models.DateTimeField(null=True, blank=True)
+    # When a job queued for later (a retry's backoff, a fair-share wait) is due, as RQ's schedule
+    # says: kept here so that a schedule Redis lost is made again with its original time. Null
+    # for a job queued to run at once; in the past once it is due.
+    run_after = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -134,7 +143,9 @@ class Job(models.Model):
             # The reaper: RUNNING jobs (it then checks heartbeat_at, which is left out of every
             # index so that progress and heartbeat writes stay heap-only updates).
             models.Index(fields=["created_at"], condition=Q(status="RUNNING"), name="job_running_idx"),
-            # Jobs in flight that have not started yet (status overview, oldest first).
+            # Jobs in flight that have not started yet (status overview, oldest first), and the
+            # reaper's look for queued jobs Redis lost (jobs_requeue_lost: oldest first, then
+            # enqueued_at checked on the rows it reads).
             models.Index(fields=["created_at"], condition=Q(status="QUEUED"), name="job_queued_idx"),
         ]
         constraints = [

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
+from rq.job import JobStatus
 from rq.timeouts import JobTimeoutException
 
 from instances.crypto import crypto_prepare, seal, unseal
@@ -77,6 +78,12 @@ logger = logging.getLogger(__name__)
 # plus the claim and the outcome.
 PROGRESS_WRITE_INTERVAL = 1.0
 FAIRNESS_RETRY_SECONDS = 2.0  # an owner over their running-jobs share is looked at again after this
+RUN = "executions.jobs.run"  # the RQ function of every toolexec job
+# Queued jobs the reaper checks against Redis in a round, oldest first: one pipeline of five
+# commands each. After a loss the next round goes on with the next ones (those queued again
+# are young again); otherwise the oldest are the next a worker takes, so a job lost behind a
+# backlog is found no later than its turn would have come.
+QUEUE_RECOVERY_BATCH = 100
 
 
 class JobFinished(ToolexecError):
@@ -442,15 +449,7 @@ def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
     """Put the job on the RQ queue (ids only). If Redis is down, the run ends FAILED with
     QUEUE_UNAVAILABLE, its held credits return, and False says so."""
     try:
-        events.queue().enqueue_call(
-            "executions.jobs.run",
-            args=(str(job.pk),),
-            job_id=job.rq_job_id,
-            timeout=definition.timeout_seconds,
-            description=f"toolexec job {job.pk}",
-            result_ttl=600,
-            failure_ttl=7 * 24 * 3600,
-        )
+        _rq_enqueue(job_id=str(job.pk), rq_job_id=job.rq_job_id, timeout=definition.timeout_seconds)
         return True
     except RedisError:
         logger.warning("Redis is unavailable; job %s could not be queued", job.pk)
@@ -466,6 +465,21 @@ def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
             job_from=(Job.Status.QUEUED,),
         )
         return False
+
+
+def _rq_enqueue(*, job_id: str, rq_job_id: str, timeout: int, run_after: datetime | None = None) -> None:
+    """Hand a job to RQ under ``rq_job_id`` (its arguments: the job's id only): to run as soon as
+    a worker is free, or, with a ``run_after`` still to come, then."""
+    options = {
+        "job_id": rq_job_id,
+        "description": f"toolexec job {job_id}",
+        "result_ttl": 600,
+        "failure_ttl": 7 * 24 * 3600,
+    }
+    if run_after is not None and run_after > timezone.now():
+        events.queue().enqueue_at(run_after, RUN, job_id, job_timeout=timeout, **options)
+    else:
+        events.queue().enqueue_call(RUN, args=(job_id,), timeout=timeout, **options)
 
 
 # --- Async: running a job on a worker ------------------------------------------------------
@@ -741,33 +755,51 @@ def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:
     ]
     next_rq_id = f"{job.pk}-attempt-{job.attempts + 1}"  # RQ ids: letters, digits, - and _
     step = f"Attempt {job.attempts} failed ({error.get('error_code')}); retrying in {delay:g} s"
+    now = timezone.now()
+    run_after = now + timedelta(seconds=delay)
     with transaction.atomic():
+        # The schedule goes in with the state: a reaper that finds the job QUEUED before RQ has
+        # it sees a job handed to RQ just now, and what to re-create should Redis lose it.
         moved = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
             status=Job.Status.QUEUED,
             rq_job_id=next_rq_id,
             attempt_log=log,
             current_step=step[:300],
-            updated_at=timezone.now(),
+            enqueued_at=now,
+            run_after=run_after,
+            updated_at=now,
         )
         if not moved:
             return
         Execution.objects.filter(pk=job.execution_id).update(status=Execution.Status.PENDING)
-    job.rq_job_id = next_rq_id
+    job.rq_job_id, job.enqueued_at, job.run_after = next_rq_id, now, run_after
     events.publish(str(job.pk), {"event": "state", "status": Job.Status.QUEUED, "current_step": step})
-    _job_requeue(job, delay=delay, rq_job_id=next_rq_id)
+    _job_schedule(job)
 
 
-def _job_requeue(job: Job, *, delay: float, rq_job_id: str | None = None) -> None:
-    rq_job_id = rq_job_id or f"{job.pk}-wait-{int(time.time() * 1000)}"
-    Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(rq_job_id=rq_job_id)
-    events.queue().enqueue_in(
-        timedelta(seconds=delay),
-        "executions.jobs.run",
-        str(job.pk),
-        job_id=rq_job_id,
-        job_timeout=job.execution.tool.timeout_seconds,
-        description=f"toolexec job {job.pk}",
-    )
+def _job_requeue(job: Job, *, delay: float) -> None:
+    """A QUEUED job whose owner runs their share already: looked at again after ``delay``."""
+    rq_job_id = f"{job.pk}-wait-{int(time.time() * 1000)}"
+    now = timezone.now()
+    run_after = now + timedelta(seconds=delay)
+    waits = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED)
+    if waits.update(rq_job_id=rq_job_id, enqueued_at=now, run_after=run_after, updated_at=now):
+        job.rq_job_id, job.enqueued_at, job.run_after = rq_job_id, now, run_after
+        _job_schedule(job)
+
+
+def _job_schedule(job: Job) -> None:
+    """Give RQ the job's schedule, recorded on the row already. If Redis does not answer, the
+    row is the record: the reaper makes the schedule once Redis is back (jobs_requeue_lost)."""
+    try:
+        _rq_enqueue(
+            job_id=str(job.pk),
+            rq_job_id=job.rq_job_id,
+            timeout=job.execution.tool.timeout_seconds,
+            run_after=job.run_after,
+        )
+    except RedisError:
+        logger.warning("Redis did not take job %s; the reaper will queue it again", job.pk)
 
 
 def _cancel_death_penalty() -> None:
@@ -867,11 +899,13 @@ def job_lost(*, job: Job, reason: str) -> bool:
 
 
 def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
-    """Keeps job states honest; run by every worker between jobs and by status reads.
+    """Keeps job states honest; run by every worker each maintenance interval (between jobs, and
+    while idle) and at every heartbeat while it watches a job.
 
     - RUNNING jobs whose heartbeat is older than TOOLEXEC_JOB_STALE_SECONDS lost their worker;
     - RUNNING jobs cancelled more than TOOLEXEC_CANCEL_GRACE_SECONDS ago that did not stop
-      by themselves are ended CANCELLED and their work-horse stopped.
+      by themselves are ended CANCELLED and their work-horse stopped;
+    - QUEUED jobs that Redis lost are queued again (jobs_requeue_lost).
     """
     now = now or timezone.now()
     counts = {"lost": 0, "cancelled": 0}
@@ -882,7 +916,139 @@ def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
         counts["lost"] += job_lost(job=job, reason=f"no heartbeat since {job.heartbeat_at}")
     for job in running.filter(cancel_requested_at__lt=grace_before):
         counts["cancelled"] += job_stop(job=job)
+    counts["requeued"] = jobs_requeue_lost(now=now)
     return counts
+
+
+def jobs_requeue_lost(*, now: datetime | None = None) -> int:
+    """Queue again the QUEUED jobs RQ will never run, with the RQ job id they had, and return
+    how many. PostgreSQL is the record of what was accepted: a Redis that restarted empty, or
+    an enqueue that never happened (a process that died between its commit and its enqueue, a
+    retry's schedule that Redis refused), strands nothing.
+
+    A job counts as lost once it was handed to RQ (``enqueued_at``) more than
+    TOOLEXEC_QUEUE_RECOVERY_SECONDS ago, so one on its way from its commit to its enqueue is
+    not doubled. One scheduled for later is scheduled again for its original time
+    (``run_after``). Each is recorded before it is enqueued, by a conditional update that only
+    one reaper wins; and should a job still be run twice (a worker that dequeued it just as it
+    was looked at), the claim is conditional: the second delivery runs nothing.
+
+    Redis round trips: none when no queued job is that old; otherwise one (a pipeline) for the
+    oldest QUEUE_RECOVERY_BATCH of them, and RQ's enqueue (two) for each job queued again. A
+    Redis that does not answer ends the round with a warning; the next round tries again.
+    """
+    now = now or timezone.now()
+    handed_before = now - timedelta(seconds=settings.TOOLEXEC_QUEUE_RECOVERY_SECONDS)
+    # job_queued_idx: QUEUED rows oldest first; enqueued_at is checked on the rows it finds.
+    candidates = list(
+        Job.objects.filter(status=Job.Status.QUEUED, enqueued_at__lt=handed_before)
+        .exclude(rq_job_id="")
+        .select_related("execution__tool")
+        .only(
+            "id",
+            "rq_job_id",
+            "enqueued_at",
+            "run_after",
+            "attempt_log",
+            "execution__id",
+            "execution__tool__timeout_seconds",
+        )
+        .order_by("created_at")[:QUEUE_RECOVERY_BATCH]
+    )
+    if not candidates:
+        return 0
+    try:
+        lost = _rq_lost([job.rq_job_id for job in candidates])
+    except RedisError:
+        logger.warning("Redis is unavailable; queued jobs were not checked against it this round")
+        return 0
+    requeued = 0
+    for job in candidates:
+        if job.rq_job_id not in lost:
+            continue
+        try:
+            requeued += _job_requeue_lost(job, rq_status=lost[job.rq_job_id])
+        except RedisError:
+            logger.warning("Redis did not take job %s back; the next round tries again", job.pk)
+            break
+    return requeued
+
+
+def _rq_lost(rq_job_ids: list[str]) -> dict[str, str]:
+    """Those of ``rq_job_ids`` that RQ will never run, each with the status its RQ job hash has
+    ("" when there is none, as after Redis lost its data).
+
+    RQ knows a job it will run: one waiting in the queue (or just taken from it by a worker, in
+    the queue's intermediate list), scheduled or deferred, each in the list or registry that
+    says so, or started (a worker has it and has not yet claimed it in PostgreSQL; should that
+    worker die, RQ's own registry cleanup marks it failed). Any other state (no hash, a
+    finished, failed, stopped or cancelled one, a hash whose list or registry lost it) means
+    nothing will run it. One MULTI/EXEC of five commands a job, so the answers agree.
+    """
+    queue = events.queue()
+    lists = (queue.key, queue.intermediate_queue_key)
+    registries = (queue.scheduled_job_registry.key, queue.deferred_job_registry.key)
+    with queue.connection.pipeline() as pipeline:
+        for rq_job_id in rq_job_ids:
+            pipeline.hget(RQJob.key_for(rq_job_id), "status")
+            for key in lists:
+                pipeline.lpos(key, rq_job_id)  # from the head, where the oldest jobs wait
+            for key in registries:
+                pipeline.zscore(key, rq_job_id)
+        replies = pipeline.execute()
+    lost: dict[str, str] = {}
+    for index, rq_job_id in enumerate(rq_job_ids):
+        raw, queued, taken, scheduled, deferred = replies[index * 5 : index * 5 + 5]
+        status = raw.decode() if isinstance(raw, bytes) else (raw or "")
+        known = (
+            status == JobStatus.STARTED
+            or (status == JobStatus.QUEUED and (queued is not None or taken is not None))
+            or (status == JobStatus.SCHEDULED and scheduled is not None)
+            or (status == JobStatus.DEFERRED and deferred is not None)
+        )
+        if not known:
+            lost[rq_job_id] = status
+    return lost
+
+
+def _job_requeue_lost(job: Job, *, rq_status: str) -> bool:
+    """Record that the queue lost ``job`` and hand it to RQ again; False if another reaper (or
+    anything else that changed the row since it was read) got there first."""
+    now = timezone.now()
+    due = job.run_after if job.run_after is not None and job.run_after > now else None
+    message = f"The queue lost this job; queued again at {now.isoformat()}"
+    message += f" to run at {due.isoformat()}, as it was scheduled." if due else "."
+    note = {"event": "queue_lost", "message": message, "queued_again_at": now.isoformat()}
+    seen = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED, rq_job_id=job.rq_job_id, enqueued_at=job.enqueued_at)
+    if not seen.update(attempt_log=[*job.attempt_log, note], enqueued_at=now, updated_at=now):
+        return False
+    try:
+        if rq_status:
+            _rq_forget(job.rq_job_id)
+        _rq_enqueue(
+            job_id=str(job.pk),
+            rq_job_id=job.rq_job_id,
+            timeout=job.execution.tool.timeout_seconds,
+            run_after=job.run_after,
+        )
+    except RedisError:
+        # Undone, so the row says only what happened, and the job is looked at again next round.
+        Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED, rq_job_id=job.rq_job_id, enqueued_at=now).update(
+            attempt_log=job.attempt_log, enqueued_at=job.enqueued_at
+        )
+        raise
+    logger.warning("Job %s was lost by the queue and queued again", job.pk)
+    return True
+
+
+def _rq_forget(rq_job_id: str) -> None:
+    """Delete what is left of an RQ job that will never run (a finished or failed run's hash,
+    which expires, and its place in a registry): nothing of it may outlive the job queued again
+    under its id."""
+    try:
+        RQJob.fetch(rq_job_id, connection=events.redis()).delete()
+    except NoSuchJobError:
+        pass  # it expired meanwhile
 
 
 def job_stop(*, job: Job) -> bool:

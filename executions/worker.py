@@ -8,7 +8,8 @@ RQ's forking worker, with three additions so no job state lies:
 - the reaper, which ends jobs whose worker vanished altogether and enforces overdue
   cancellations, runs between jobs, every maintenance interval while idle, and at every
   heartbeat while this worker watches a job (so a busy worker still reaps, and stops a
-  cancelled job that never checks). It is two indexed queries over RUNNING jobs.
+  cancelled job that never checks), and queues again the jobs Redis lost. It is three indexed
+  queries, and a Redis pipeline when a queued job is older than TOOLEXEC_QUEUE_RECOVERY_SECONDS.
 
 and five so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
 
@@ -64,6 +65,7 @@ from rq.worker import Worker
 
 from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
 from .services import (
+    RUN,
     job_claim_ahead,
     job_claims_forget,
     job_heartbeat,
@@ -76,7 +78,6 @@ from .services import (
 logger = logging.getLogger(__name__)
 
 HANDED_BACK = 1  # what a work-horse writes in a shared byte when it leaves a lent connection idle
-RUN = "executions.jobs.run"  # the RQ function of every toolexec job
 DATABASE, REDIS = 0, 1  # which byte: the lent PostgreSQL connection's, the lent Redis connection's
 HANDED_BACK_FRESH_SECONDS = 1.0  # a connection seen to work this recently is lent unchecked
 

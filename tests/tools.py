@@ -4,10 +4,11 @@ Register one with the ``catalog`` fixture (see conftest.py): it adds the tools t
 syncs the catalog, and removes them again after the test.
 """
 
+import time
 from decimal import Decimal
 from typing import Any
 
-from tools.errors import UpstreamError
+from tools.errors import UpstreamError, UpstreamRateLimited
 from tools.sdk import ASYNC, SYNC, CredentialSlot, ExecutionContext, Tool
 
 
@@ -164,8 +165,6 @@ class FlakyTool(Tool):
     def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
         import django_rq
 
-        from tools.errors import UpstreamRateLimited
-
         attempt = django_rq.get_connection("default").incr(attempts_key(ctx.execution_id))
         if attempt <= int(inputs.get("failures", 1)):
             raise UpstreamRateLimited("the server answered 429 Too Many Requests", provider="Example API")
@@ -207,3 +206,47 @@ class ResumableTool(Tool):
 
 
 ALL_TEST_TOOLS += [ResumableTool]
+
+
+# --- Queue recovery (tests/test_queue_recovery.py) -------------------------------------------
+
+
+def runs_recorded(runs_file: str) -> list[tuple[str, float]]:
+    """The runs CountedTool recorded in ``runs_file``: (execution id, when), in order."""
+    try:
+        with open(runs_file) as handle:
+            return [(line.split()[0], float(line.split()[1])) for line in handle if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+class CountedTool(Tool):
+    """Records each run as a line in the file named by ``runs_file`` (outside Redis: a Redis that
+    loses its data must not lose the count); fails with UPSTREAM_RATE_LIMITED on an execution's
+    first ``failures`` runs, and is retried after ``retry_backoff_seconds``."""
+
+    slug = "test-counted"
+    name = "Test Counted"
+    input_schema = {
+        "type": "object",
+        "properties": {"runs_file": {"type": "string"}, "failures": {"type": "integer", "minimum": 0}},
+        "required": ["runs_file"],
+    }
+    modes = frozenset({ASYNC})
+    base_credits = Decimal("0.01")
+    idempotent = True
+    retry_on = frozenset({"UPSTREAM_RATE_LIMITED"})
+    max_attempts = 2
+    retry_backoff_seconds = 8
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        # One short append: whole lines even with several work-horses writing at once.
+        with open(inputs["runs_file"], "a") as handle:
+            handle.write(f"{ctx.execution_id} {time.time():.3f}\n")
+        runs = [run for run in runs_recorded(inputs["runs_file"]) if run[0] == ctx.execution_id]
+        if len(runs) <= int(inputs.get("failures", 0)):
+            raise UpstreamRateLimited("the server answered 429 Too Many Requests", provider="Example API")
+        return {"run": len(runs)}
+
+
+ALL_TEST_TOOLS += [CountedTool]

@@ -266,6 +266,10 @@ TOOLEXEC_JOB_HEARTBEAT_SECONDS = env_int("TOOLEXEC_JOB_HEARTBEAT_SECONDS", 5, mi
 TOOLEXEC_JOB_STALE_SECONDS = env_int("TOOLEXEC_JOB_STALE_SECONDS", 20, minimum=2)
 # How long a cancelled running job may take to reach a cancellation check before it is stopped.
 TOOLEXEC_CANCEL_GRACE_SECONDS = env_int("TOOLEXEC_CANCEL_GRACE_SECONDS", 5, minimum=0)
+# How long a QUEUED job may be missing from Redis (it restarted empty, or the enqueue never
+# happened) before the reaper queues it again; longer than a job takes from its commit to its
+# enqueue, so that one on its way is not doubled.
+TOOLEXEC_QUEUE_RECOVERY_SECONDS = env_int("TOOLEXEC_QUEUE_RECOVERY_SECONDS", 30, minimum=1)
 TOOLEXEC_IDEMPOTENCY_HOURS = env_int("TOOLEXEC_IDEMPOTENCY_HOURS", 24, minimum=1)
 
 # Files and outbound HTTP.
