@@ -1,12 +1,18 @@
 import json
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, tzinfo
 from typing import Any
 
 from django.db.models import QuerySet
 from django.http import Http404, QueryDict, StreamingHttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    PolymorphicProxySerializer,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
@@ -17,11 +23,12 @@ from rest_framework.response import Response
 from instances.api import tool_inputs_serializer
 from instances.models import ToolInstance
 from instances.selectors import instance_list, instance_of, token_and_instance
-from toolexec.api import NewestFirstPagination
+from toolexec.api import NewestFirstPagination, QueryFilter
 from toolexec.models import ApiToken
+from toolexec.schema import ErrorEnvelopeSerializer, error_responses
 
 from .models import Execution, Job, Mode
-from .selectors import execution_list, job_list
+from .selectors import execution_list, job_list, utc_day
 from .services import execution_enqueue, execution_run_sync, job_cancel, job_check_alive, job_progress
 from .streams import job_event_stream
 
@@ -113,7 +120,7 @@ def execution_list_item(row: dict[str, Any], zone: tzinfo) -> dict[str, Any]:
     }
 
 
-class ExecutionFilter(serializers.Serializer):
+class ExecutionFilter(QueryFilter):
     instance = serializers.UUIDField(required=False)
     status = serializers.ChoiceField(choices=Execution.Status.choices, required=False)
     mode = serializers.ChoiceField(choices=Mode.choices, required=False)
@@ -121,34 +128,19 @@ class ExecutionFilter(serializers.Serializer):
     created_after = serializers.DateTimeField(required=False)
     created_before = serializers.DateTimeField(required=False)
 
-    def to_internal_value(self, data: Any) -> dict[str, Any]:
-        data = {k: (v.upper() if k in ("status", "mode") else v) for k, v in data.items() if v != ""}
-        return super().to_internal_value(data)
-
     def filters(self) -> dict[str, Any]:
         values = dict(self.validated_data)
         day = values.pop("date", None)
         if day is not None:
-            start = timezone.make_aware(datetime.combine(day, datetime.min.time()))
+            start, end = utc_day(day)
             values["created_after"] = max(filter(None, [values.get("created_after"), start]))
-            values["created_before"] = min(filter(None, [values.get("created_before"), start + timedelta(days=1)]))
+            values["created_before"] = min(filter(None, [values.get("created_before"), end]), default=None)
         if "instance" in values:
             values["instance_id"] = values.pop("instance")
         return values
 
 
-@extend_schema_view(
-    list=extend_schema(
-        parameters=[
-            OpenApiParameter("instance", OpenApiTypes.UUID),
-            OpenApiParameter("status", str, enum=Execution.Status.values),
-            OpenApiParameter("mode", str, enum=Mode.values),
-            OpenApiParameter("date", OpenApiTypes.DATE),
-            OpenApiParameter("created_after", OpenApiTypes.DATETIME),
-            OpenApiParameter("created_before", OpenApiTypes.DATETIME),
-        ]
-    )
-)
+@extend_schema_view(list=extend_schema(parameters=[ExecutionFilter]))
 class ExecutionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """The history of your runs, newest first. Executions are records: read-only."""
 
@@ -179,6 +171,19 @@ SyncSuccess = inline_serializer(
         "execution_id": serializers.UUIDField(),
         "duration_ms": serializers.IntegerField(),
     },
+)
+
+
+class SyncFailureSerializer(ErrorEnvelopeSerializer):
+    """A run that started and failed answers 200 (DESIGN.md §5): the error envelope, with the run."""
+
+    execution_id = serializers.UUIDField()
+
+
+SyncOutcome = PolymorphicProxySerializer(
+    component_name="SyncExecutionOutcome",
+    serializers=[SyncSuccess, SyncFailureSerializer],
+    resource_type_field_name=None,  # told apart by "success"
 )
 
 
@@ -233,7 +238,7 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
             return serializers.Serializer()
         return tool_inputs_serializer(self.get_object())
 
-    @extend_schema(request=OpenApiTypes.OBJECT, responses={200: SyncSuccess})
+    @extend_schema(request=OpenApiTypes.OBJECT, responses={200: SyncOutcome, **error_responses(402, 409)})
     @action(detail=True, methods=["post"], url_path="execute-sync")
     def execute_sync(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
@@ -262,14 +267,12 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
                 description="The same key and body within 24 hours return the first job instead of a new one.",
             )
         ],
-        responses={202: AsyncAccepted},
+        responses={202: AsyncAccepted, **error_responses(402, 409, 503)},
     )
     @action(detail=True, methods=["post"], url_path="execute-async")
     def execute_async(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
-        key = request.headers.get("Idempotency-Key", "").strip()
-        if len(key) > 255:
-            raise serializers.ValidationError({"Idempotency-Key": ["Must be at most 255 characters."]})
+        key = _idempotency_key(request)
         accepted = execution_enqueue(instance=instance, inputs=_form_inputs(request, instance), idempotency_key=key)
         job = accepted.job
         base = f"/api/v1/instances/{instance.pk}/jobs/{job.pk}"
@@ -283,6 +286,16 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
         }
         headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
         return Response(body, status=status.HTTP_202_ACCEPTED, headers=headers)
+
+
+_IDEMPOTENCY_KEY = serializers.CharField(max_length=255, allow_blank=True)  # stored: no NUL, not overlong
+
+
+def _idempotency_key(request: Request) -> str:
+    try:
+        return _IDEMPOTENCY_KEY.run_validation(request.headers.get("Idempotency-Key", ""))
+    except serializers.ValidationError as exc:
+        raise serializers.ValidationError({"Idempotency-Key": exc.detail}) from None
 
 
 def _form_inputs(request: Request, instance: ToolInstance) -> Any:
@@ -325,27 +338,27 @@ class JobSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-JobProgressSerializer = inline_serializer(
-    "JobProgress",
-    {
-        "status": serializers.ChoiceField(choices=Job.Status.choices),
-        "progress": serializers.IntegerField(),
-        "current_step": serializers.CharField(),
-        "steps_total": serializers.IntegerField(allow_null=True),
-        "step_index": serializers.IntegerField(allow_null=True),
-        "eta_seconds": serializers.FloatField(allow_null=True),
-        "updated_at": serializers.DateTimeField(),
-    },
-)
+class JobProgressSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=Job.Status.choices)
+    progress = serializers.IntegerField()
+    current_step = serializers.CharField()
+    steps_total = serializers.IntegerField(allow_null=True)
+    step_index = serializers.IntegerField(allow_null=True)
+    eta_seconds = serializers.FloatField(allow_null=True)
+    updated_at = serializers.DateTimeField()
 
+
+# One of three shapes, by status: still running (result null, with progress), COMPLETED
+# (result, credits_consumed, duration_ms) or ended otherwise (success false and the error).
 JobResultSerializer = inline_serializer(
     "JobResult",
     {
         "status": serializers.ChoiceField(choices=Job.Status.choices),
-        "result": serializers.DictField(allow_null=True),
+        "result": serializers.DictField(allow_null=True, required=False),
         "credits_consumed": serializers.FloatField(required=False),
-        "duration_ms": serializers.IntegerField(required=False),
-        "progress": JobProgressSerializer,
+        "duration_ms": serializers.IntegerField(allow_null=True, required=False),
+        "progress": JobProgressSerializer(required=False),
+        "success": serializers.BooleanField(required=False),
         "error_code": serializers.CharField(required=False),
         "error_message": serializers.CharField(required=False),
         "metadata": serializers.DictField(required=False),
@@ -367,7 +380,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     serializer_class = JobSerializer
     pagination_class = NewestFirstPagination
-    lookup_value_regex = "[0-9a-fA-F-]{36}"
 
     def get_queryset(self) -> QuerySet[Job]:
         if getattr(self, "swagger_fake_view", False):  # schema generation
@@ -413,14 +425,15 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             )
         return Response({"status": job.status, "result": None, "progress": job_progress(job=job)})
 
-    @extend_schema(request=None, responses={202: JobProgressSerializer})
+    @extend_schema(request=None, responses={202: JobProgressSerializer, **error_responses(409)})
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         job = job_cancel(job=self.get_object())
         return Response(job_progress(job=job), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR})
-    @action(detail=True, methods=["get"], renderer_classes=[EventStreamRenderer, JSONRenderer])
+    # JSON first: an error answers in JSON unless the client asked for text/event-stream only.
+    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, EventStreamRenderer])
     def events(self, request: Request, *args: Any, **kwargs: Any) -> StreamingHttpResponse:
         job = self.get_object()
         response = StreamingHttpResponse(job_event_stream(job_id=str(job.pk)), content_type="text/event-stream")

@@ -9,7 +9,6 @@ field errors are put back on the form's fields.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from django import forms
@@ -19,6 +18,7 @@ from tools import registry
 from tools.sdk import ASYNC, MODES, SYNC
 
 from .models import Execution, Mode
+from .selectors import utc_day
 
 FIELD_PREFIX = "in_"  # keeps the tool's input names apart from the form's own "mode"
 MODE_LABELS = {SYNC: "Run now (sync)", ASYNC: "Run in the background (async)"}
@@ -220,7 +220,8 @@ class ExecutionFilterForm(forms.Form):
             lookups["instance_id"] = data["instance"]
         if data.get("date"):
             # A range, not created_at__date, so the created_at indexes still apply.
-            start = datetime.combine(data["date"], time.min, tzinfo=UTC)
+            start, end = utc_day(data["date"])
             lookups["created_at__gte"] = start
-            lookups["created_at__lt"] = start + timedelta(days=1)
+            if end is not None:
+                lookups["created_at__lt"] = end
         return lookups

@@ -1,4 +1,4 @@
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
@@ -28,6 +28,12 @@ def execution_list(
     if created_before:
         qs = qs.filter(created_at__lt=created_before)
     return qs
+
+
+def utc_day(day: date) -> tuple[datetime, datetime | None]:
+    """The UTC day as bounds [start, end) on created_at; the last day a date can name has no end."""
+    start = datetime.combine(day, time.min, tzinfo=UTC)
+    return start, start + timedelta(days=1) if day < date.max else None
 
 
 def job_list(*, owner: AbstractBaseUser, instance_id: str) -> QuerySet[Job]:

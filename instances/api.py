@@ -7,7 +7,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from toolexec.api import NewestFirstPagination
+from toolexec.api import NewestFirstPagination, QueryFilter
+from toolexec.schema import error_responses
 from tools.api import CredentialSlotSerializer, PricingSerializer
 from tools.models import ToolDefinition
 
@@ -114,13 +115,13 @@ class CapabilitiesSerializer(serializers.Serializer):
     is_available = serializers.BooleanField()
 
 
+class InstanceFilter(QueryFilter):
+    workflow_id = serializers.CharField(max_length=200, required=False, help_text="Only instances of this workflow.")
+    status = serializers.ChoiceField(choices=ToolInstance.Status.choices, required=False)
+
+
 @extend_schema_view(
-    list=extend_schema(
-        parameters=[
-            OpenApiParameter("workflow_id", str, description="Only instances of this workflow."),
-            OpenApiParameter("status", str, enum=ToolInstance.Status.values),
-        ]
-    ),
+    list=extend_schema(parameters=[InstanceFilter]),
     create=extend_schema(request=InstanceCreateSerializer, responses={201: InstanceSerializer}),
     update=extend_schema(request=InstanceUpdateSerializer, responses=InstanceSerializer),
     partial_update=extend_schema(request=InstanceUpdateSerializer, responses=InstanceSerializer),
@@ -139,11 +140,11 @@ class InstanceViewSet(
     def get_queryset(self) -> QuerySet[ToolInstance]:
         if getattr(self, "swagger_fake_view", False):  # schema generation
             return ToolInstance.objects.none()
-        params = self.request.query_params if self.action == "list" else {}
-        status_filter = (params.get("status") or "").upper() or None
-        if status_filter and status_filter not in ToolInstance.Status.values:
-            raise serializers.ValidationError({"status": [f"Must be one of: {', '.join(ToolInstance.Status.values)}."]})
-        return instance_list(owner=self.request.user, workflow_id=params.get("workflow_id"), status=status_filter)
+        if self.action != "list":
+            return instance_list(owner=self.request.user)
+        params = InstanceFilter(data=self.request.query_params)
+        params.is_valid(raise_exception=True)
+        return instance_list(owner=self.request.user, **params.validated_data)
 
     def get_serializer_class(self) -> type[serializers.Serializer]:
         if self.action == "configure_credentials":
@@ -174,13 +175,13 @@ class InstanceViewSet(
     def perform_destroy(self, instance: ToolInstance) -> None:
         instance_delete(instance=instance)
 
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(request=None, responses={200: InstanceSerializer, **error_responses(409)})
     @action(detail=True, methods=["post"])
     def activate(self, request: Request, pk: str | None = None) -> Response:
         instance = instance_transition(instance=self.get_object(), to=ToolInstance.Status.ACTIVE)
         return Response(InstanceSerializer(instance).data)
 
-    @extend_schema(request=None, responses=InstanceSerializer)
+    @extend_schema(request=None, responses={200: InstanceSerializer, **error_responses(409)})
     @action(detail=True, methods=["post"])
     def disable(self, request: Request, pk: str | None = None) -> Response:
         instance = instance_transition(instance=self.get_object(), to=ToolInstance.Status.DISABLED)
@@ -312,10 +313,16 @@ class CredentialUpdateSerializer(serializers.Serializer):
     metadata = serializers.JSONField(required=False)
 
 
+class CredentialFilter(QueryFilter):
+    provider = serializers.CharField(max_length=50, required=False, help_text="Only credentials of this provider.")
+
+
 @extend_schema_view(
+    list=extend_schema(parameters=[CredentialFilter]),
     create=extend_schema(request=CredentialCreateSerializer, responses={201: CredentialSerializer}),
     update=extend_schema(request=CredentialUpdateSerializer, responses=CredentialSerializer),
     partial_update=extend_schema(request=CredentialUpdateSerializer, responses=CredentialSerializer),
+    destroy=extend_schema(responses={204: None, **error_responses(409)}),  # 409: an instance pins it
 )
 class CredentialViewSet(
     mixins.ListModelMixin,
@@ -331,7 +338,11 @@ class CredentialViewSet(
     def get_queryset(self) -> QuerySet[Credential]:
         if getattr(self, "swagger_fake_view", False):  # schema generation
             return Credential.objects.none()
-        return credential_list(owner=self.request.user, provider=self.request.query_params.get("provider"))
+        if self.action != "list":
+            return credential_list(owner=self.request.user)
+        params = CredentialFilter(data=self.request.query_params)
+        params.is_valid(raise_exception=True)
+        return credential_list(owner=self.request.user, **params.validated_data)
 
     def get_serializer_class(self) -> type[serializers.Serializer]:
         if self.action == "create":

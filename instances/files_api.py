@@ -18,6 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from toolexec.api import NewestFirstPagination
+from toolexec.schema import error_responses
 
 from .models import UploadedFile
 from .services import file_delete, file_too_large, file_upload
@@ -75,7 +76,7 @@ def upload_refuse_declared(content_length: int | None, limit: int) -> None:
 @extend_schema_view(
     create=extend_schema(
         request={"multipart/form-data": FileUploadSerializer},
-        responses={201: FileSerializer},
+        responses={201: FileSerializer, **error_responses(413)},
         description="Upload a file (multipart/form-data, part name file). Larger than "
         "TOOLEXEC_MAX_UPLOAD_BYTES answers 413 FILE_TOO_LARGE.",
     ),

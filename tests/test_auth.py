@@ -238,12 +238,20 @@ def test_run_of_an_instance_id_that_is_no_instance_is_not_found(user, instance_i
     assert_envelope(response, 404, "NOT_FOUND")
 
 
-def test_an_unknown_token_is_refused_whatever_the_instance_id(db):
+@pytest.mark.parametrize(
+    ("instance_id", "status", "code"),
+    [
+        ("00000000-0000-0000-0000-000000000000", 401, "NOT_AUTHENTICATED"),
+        # A malformed id matches no route (issue 19): no view runs, so nothing is there to guard.
+        ("not-a-uuid", 404, "NOT_FOUND"),
+    ],
+)
+def test_an_unknown_token_gets_nothing_whatever_the_instance_id(db, instance_id, status, code):
     response = token_client("not-a-token-anyone-was-given").post(
-        "/api/v1/instances/not-a-uuid/execute-sync", {}, format="json"
+        f"/api/v1/instances/{instance_id}/execute-sync", {}, format="json"
     )
 
-    assert_envelope(response, 401, "NOT_AUTHENTICATED")
+    assert_envelope(response, status, code)
 
 
 # --- sessions and the browsable API -----------------------------------------------------

@@ -4,6 +4,7 @@ secrets or internal paths."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -11,6 +12,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.test import Client
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.test import APIClient, APIRequestFactory
@@ -561,3 +564,67 @@ def test_no_error_response_contains_a_traceback_or_a_path(api, make_instance, us
     for response in responses:
         assert_no_leak(response)
         assert response.json()["success"] is False
+
+
+# --- Requests that answered 500 before issue 19 -----------------------------------------
+
+
+def test_json_nested_too_deeply_is_refused_as_invalid_input(api, make_instance, user):
+    instance = make_instance("test-noop", owner=user)
+    for depth in (101, 100_000):  # past the limit; past Python's recursion limit
+        body = "[" * depth + "]" * depth
+        url = f"/api/v1/instances/{instance.pk}/execute-sync"
+        response = api.generic("POST", url, body, content_type="application/json")
+        assert "nested more than 100 levels" in assert_envelope(response, 400, "INPUT_INVALID")["error_message"]
+    assert nothing_recorded(user)
+
+
+def test_a_form_with_more_fields_than_the_server_reads_is_refused_as_invalid_input(api, settings):
+    body = "&".join(f"field{n}=1" for n in range(settings.DATA_UPLOAD_MAX_NUMBER_FIELDS + 1))
+    response = api.generic("POST", "/api/v1/instances/", body, content_type="application/x-www-form-urlencoded")
+    assert_envelope(response, 400, "INPUT_INVALID")
+
+
+@pytest.mark.parametrize(
+    ("path", "parameter"),
+    [("/api/v1/instances/", "workflow_id"), ("/api/v1/credentials/", "provider"), ("/api/v1/executions/", "status")],
+)
+def test_a_nul_character_in_a_list_filter_answers_400_naming_the_filter(api, path, parameter):
+    body = assert_envelope(api.get(path, {parameter: "a\x00b"}), 400, "INPUT_INVALID")
+    assert list(body["metadata"]["field_errors"]) == [parameter]
+
+
+def test_a_nul_character_in_the_idempotency_key_answers_400_naming_the_header(api, make_instance, user):
+    instance = make_instance("test-noop", owner=user)
+    url = f"/api/v1/instances/{instance.pk}/execute-async"
+    response = api.post(url, {}, format="json", HTTP_IDEMPOTENCY_KEY="a\x00b")
+    body = assert_envelope(response, 400, "INPUT_INVALID")
+    assert list(body["metadata"]["field_errors"]) == ["Idempotency-Key"]
+    assert nothing_recorded(user)
+
+
+def test_the_last_day_a_date_can_name_filters_the_history(api, user):
+    assert api.get("/api/v1/executions/", {"date": "9999-12-31"}).json()["results"] == []
+    page = Client()
+    page.force_login(user)
+    assert page.get("/status/executions/", {"date": "9999-12-31"}).status_code == 200
+
+
+@pytest.mark.parametrize("position", ["garbage", "2020-01-01T00:00:00", "2020-13-45T00:00:00Z"])
+def test_a_cursor_whose_position_is_not_a_time_with_its_zone_is_refused(api, position):
+    cursor = base64.b64encode(f"o=0&r=1&p={position}".encode()).decode()
+    body = assert_envelope(api.get("/api/v1/executions/", {"cursor": cursor}), 400, "INPUT_INVALID")
+    assert list(body["metadata"]["field_errors"]) == ["cursor"]
+
+
+class _OrmRefusalView(_BrokenView):
+    def get(self, request: Any) -> Response:
+        raise DjangoValidationError({"instance": ["“0000” is not a valid UUID."]})
+
+
+def test_a_value_the_orm_refuses_answers_400_naming_the_field(db):
+    response = _OrmRefusalView.as_view()(APIRequestFactory().get("/api/v1/broken/"))
+    response.render()
+
+    body = assert_envelope(response, 400, "INPUT_INVALID")
+    assert body["metadata"]["field_errors"] == {"instance": ["“0000” is not a valid UUID."]}

@@ -6,7 +6,11 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import SuspiciousOperation
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import exceptions, serializers, status
 from rest_framework.pagination import CursorPagination
@@ -19,6 +23,7 @@ from rest_framework.views import APIView, set_rollback
 from tools.errors import ErrorCode, ToolexecError, envelope
 
 from .auth import token_issue_for_login
+from .schema import error_responses
 from .throttles import ScopedThrottle
 
 logger = logging.getLogger(__name__)
@@ -92,6 +97,15 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, DjangoValidationError):
+        # A value the ORM refused (say, a malformed UUID in a filter a view passed on unchecked)
+        # is the request's fault: 400 naming what Django names, never a 500 (HackSoft's handler).
+        exc = exceptions.ValidationError(serializers.as_serializer_error(exc))
+    elif isinstance(exc, SuspiciousOperation):
+        # As Django answers one outside DRF (too many fields or files, a body too large): 400,
+        # logged as a security event. Its message may name server paths, so it is not sent.
+        logging.getLogger(f"django.security.{type(exc).__name__}").error(str(exc))
+        exc = exceptions.ValidationError("The request has too many fields or files, or is too large, for this server.")
 
     if isinstance(exc, ToolexecError):
         from tools.errors import http_status
@@ -143,12 +157,36 @@ class NewestFirstPagination(CursorPagination):
     max_page_size = 200
 
     def decode_cursor(self, request: Request) -> Any:
+        invalid = exceptions.ValidationError(
+            {self.cursor_query_param: ["Invalid cursor: use the next and previous links as given."]}
+        )
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except exceptions.NotFound:
-            raise exceptions.ValidationError(
-                {self.cursor_query_param: ["Invalid cursor: use the next and previous links as given."]}
-            ) from None
+            raise invalid from None
+        # The position goes into a created_at filter as it came: it must be a time with its zone.
+        if cursor is not None and cursor.position is not None:
+            try:
+                moment = parse_datetime(cursor.position)
+            except ValueError:
+                moment = None
+            if moment is None or timezone.is_naive(moment):
+                raise invalid
+        return cursor
+
+
+class QueryFilter(serializers.Serializer):
+    """A list's query parameters, checked like a body before they reach a query: a value that
+    is not valid (a malformed id, a NUL character, an unknown choice) answers 400 naming its
+    parameter. An empty value is no filter; choices take any case (status=failed is FAILED)."""
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        values = {
+            name: value.upper() if isinstance(self.fields[name], serializers.ChoiceField) else value
+            for name, value in data.items()
+            if name in self.fields and value != ""
+        }
+        return super().to_internal_value(values)
 
 
 # --- Tokens -----------------------------------------------------------------------------
@@ -175,7 +213,10 @@ class TokenView(APIView):
 
     @extend_schema(
         request=Input,
-        responses={200: inline_serializer("Token", {"token": serializers.CharField()})},
+        responses={
+            200: inline_serializer("Token", {"token": serializers.CharField()}),
+            **error_responses(401),  # a wrong username or password; the view itself authenticates nothing
+        },
         auth=[],
     )
     def post(self, request: Request) -> Response:

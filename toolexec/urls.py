@@ -2,7 +2,6 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.routers import DefaultRouter
 
 from executions.api import ExecutionViewSet, InstanceRunViewSet, JobViewSet
 from instances.api import CredentialViewSet, InstanceViewSet
@@ -11,15 +10,13 @@ from tools.api import ToolViewSet
 
 from .admin_site import rq_dashboard_urls
 from .api import TokenView
+from .routers import UUID_PATTERN, ApiRouter
 
-# "/?" accepts DESIGN.md's paths with and without a trailing slash.
-router = DefaultRouter()
-router.trailing_slash = "/?"
-router.include_format_suffixes = False
+router = ApiRouter()
 router.register("tools", ToolViewSet, basename="tool")
 router.register("instances", InstanceViewSet, basename="instance")
 router.register("instances", InstanceRunViewSet, basename="instance-run")
-router.register(r"instances/(?P<instance_id>[0-9a-fA-F-]{36})/jobs", JobViewSet, basename="instance-job")
+router.register(rf"instances/(?P<instance_id>{UUID_PATTERN})/jobs", JobViewSet, basename="instance-job")
 router.register("credentials", CredentialViewSet, basename="credential")
 router.register("files", FileViewSet, basename="file")
 router.register("executions", ExecutionViewSet, basename="execution")

@@ -1,3 +1,4 @@
+from django.urls.converters import SlugConverter
 from rest_framework import mixins, serializers, viewsets
 
 from .models import ToolDefinition
@@ -58,4 +59,5 @@ class ToolViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     queryset = ToolDefinition.objects.filter(is_active=True).order_by("name")
     lookup_field = "slug"
     lookup_url_kwarg = "slug"
+    lookup_value_regex = SlugConverter.regex  # what a SlugField holds; the router's default is a UUID
     pagination_class = None
