@@ -392,10 +392,7 @@ def explain(sql: str, rows: dict[str, float]) -> dict[str, Any]:
     SMALL_TABLE_ROWS rows or more read through an index, and not most of it."""
     from django.db import connection
 
-    from toolexec.sql import statement_text
-
-    # A prepared statement (toolexec.sql.Prepared) is explained as EXPLAIN … EXECUTE: its plan.
-    if not statement_text(sql).lstrip().upper().startswith("SELECT"):
+    if not sql.lstrip().upper().startswith("SELECT"):
         return {"plan": "(not a SELECT)", "scans": [], "index_ok": True, "read": 0, "buffers": 0, "ms": 0.0}
     with connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")
@@ -421,25 +418,14 @@ def unfiltered_count(sql: str) -> bool:
     return bool(COUNT.search(sql)) and " WHERE " not in sql.upper()
 
 
-def shown(sql: str) -> str:
-    """A statement as captured; a prepared one's EXECUTE (with its values) and the statement."""
-    from toolexec.sql import statement_text
-
-    written = statement_text(sql)
-    return sql if written == sql else f"-- {sql}\n{written}"
-
-
 def sql_report(paths: dict[str, str], token: str, cookies: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
-    from toolexec.sql import statement_text
-
     rows = table_rows()
     report = {}
     for name, path in paths.items():
         cookie = cookies[VIEWER[name]] if VIEWER[name] else None
         statements = queries_of(path, token=None if cookie else token, cookie=cookie)
         report[name] = [
-            {"sql": shown(sql), "unfiltered_count": unfiltered_count(statement_text(sql)), **explain(sql, rows)}
-            for sql in statements
+            {"sql": sql, "unfiltered_count": unfiltered_count(sql), **explain(sql, rows)} for sql in statements
         ]
     return report
 

@@ -42,19 +42,15 @@ PHASES = [
     ("bench.tools", "BenchFirstLineTool", "run", "the tool"),
     ("executions.services", None, "_job_end", "outcome"),
     ("rq.worker.base", "BaseWorker", "handle_job_success", "RQ: success"),
-    ("executions.services", None, "job_load_and_claim", "  the round trip"),
-    ("executions.job_sql", None, "execute", "    send, wait"),
-    ("toolexec.sql", "Loader", "from_row", "    build the objects"),
     ("executions.services", None, "readiness_check", "  readiness"),
     ("executions.services", None, "unseal", "  unseal"),
-    ("executions.outcome_sql", None, "_params", "  outcome's values"),
+    ("executions.services", None, "execution_finish", "  the outcome's transaction"),
     ("executions.events", None, "publish", "  publish (both)"),
 ]
 # The same for the worker process, per job: from the end of one horse to the end of the next.
 WORKER_PHASES = [
     ("rq.worker.base", "BaseWorker", "dequeue_job_and_maintain_ttl", "dequeue (RQ + connections ready)"),
     ("executions.worker", "ToolexecWorker", "_claim_ahead", "claim + check ahead"),
-    ("executions.services", None, "job_load_and_claim", "  the round trip + objects"),
     ("executions.services", None, "_job_check", "  readiness + unseal"),
     ("executions.events", None, "publish", "  publish"),
     ("rq.worker.base", "BaseWorker", "prepare_execution", "RQ: prepare execution"),

@@ -8,7 +8,6 @@ throttles: what any DRF endpoint pays)."""
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -65,23 +64,16 @@ def statements_per_request(paths: dict[str, str], token: str, requests: int = 20
     return counts
 
 
-# A WITH statement that writes (toolexec/sql.py chains writes into one)
-DATA_MODIFYING = re.compile(r"\b(INSERT INTO|UPDATE|DELETE FROM)\b")
-
-
 def _tally(send: Any, requests: int) -> dict[str, int]:
     from django.db import connection
-
-    from toolexec.sql import statement_text
 
     tally = {"statements": 0, "reads": 0, "writes": 0, "write_xacts": 0}
     pending = {"wrote": False}
 
     def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        written = statement_text(sql)  # a prepared statement's EXECUTE, as the statement it runs
-        verb = written.lstrip().split(None, 1)[0].upper()
+        verb = sql.lstrip().split(None, 1)[0].upper()
         tally["statements"] += 1
-        if verb in {"INSERT", "UPDATE", "DELETE"} or (verb == "WITH" and DATA_MODIFYING.search(written)):
+        if verb in {"INSERT", "UPDATE", "DELETE"}:
             tally["writes"] += 1
             if connection.in_atomic_block:
                 pending["wrote"] = True
@@ -141,11 +133,11 @@ def transactions_per_request(paths: dict[str, str], token: str) -> dict[str, dic
 PHASES = (
     ("rest_framework.views", "APIView", "perform_authentication", "authentication (token, user, instance: 1 query)"),
     ("rest_framework.views", "APIView", "check_throttles", "throttles (Redis)"),
-    ("executions.api", "InstanceRunViewSet", "get_object", "instance (loaded with the token)"),
+    ("executions.api", "InstanceRunViewSet", "get_object", "instance (its own query)"),
     ("executions.services", None, "execution_prepare", "readiness + input validation"),
     ("executions.services", None, "execution_record_start", "record the attempt (INSERT)"),
     ("executions.services", None, "_run_with_time_limit", "run the tool in its thread"),
-    ("executions.services", None, "execution_finish", "record the outcome (one statement: execution, instance)"),
+    ("executions.services", None, "execution_finish", "record the outcome (one transaction: execution, instance)"),
 )
 
 

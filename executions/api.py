@@ -1,10 +1,8 @@
 import json
-from datetime import datetime, tzinfo
 from typing import Any
 
 from django.db.models import QuerySet
-from django.http import Http404, QueryDict, StreamingHttpResponse
-from django.utils import timezone
+from django.http import QueryDict, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -22,9 +20,8 @@ from rest_framework.response import Response
 
 from instances.api import tool_inputs_serializer
 from instances.models import ToolInstance
-from instances.selectors import instance_list, instance_of, token_and_instance
+from instances.selectors import instance_list
 from toolexec.api import NewestFirstPagination, QueryFilter
-from toolexec.models import ApiToken
 from toolexec.schema import ErrorEnvelopeSerializer, error_responses
 
 from .models import Execution, Job, Mode
@@ -63,63 +60,6 @@ class ExecutionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-# The list renders rows straight from ``.values()``: at 50 rows a page, model instances and the
-# serializer's per-field machinery cost more than the query itself (benchmark 6 in
-# docs/benchmarks.md). The detail keeps ExecutionSerializer; tests pin that both render an
-# execution alike.
-EXECUTION_LIST_COLUMNS = (
-    "id",
-    "instance_id",
-    "tool__slug",
-    "tool__name",
-    "mode",
-    "status",
-    "input_data",
-    "output_data",
-    "error_code",
-    "error_message",
-    "error_metadata",
-    "credits_consumed",
-    "started_at",
-    "finished_at",
-    "duration_ms",
-    "cache_hit",
-    "created_at",
-)
-
-
-def _timestamp(value: datetime | None, zone: tzinfo) -> str | None:
-    """As DRF's DateTimeField renders it: ISO 8601 in the current time zone, UTC as ``Z``."""
-    if value is None:
-        return None
-    text = value.astimezone(zone).isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
-
-
-def execution_list_item(row: dict[str, Any], zone: tzinfo) -> dict[str, Any]:
-    """One row of ``EXECUTION_LIST_COLUMNS`` as ExecutionSerializer renders the execution."""
-    instance_id = row["instance_id"]
-    return {
-        "id": str(row["id"]),
-        "instance_id": str(instance_id) if instance_id is not None else None,
-        "tool_definition_id": row["tool__slug"],
-        "tool_name": row["tool__name"],
-        "mode": row["mode"],
-        "status": row["status"],
-        "input_data": row["input_data"],
-        "output_data": row["output_data"],
-        "error_code": row["error_code"],
-        "error_message": row["error_message"],
-        "error_metadata": row["error_metadata"],
-        "credits_consumed": row["credits_consumed"],  # numeric(12, 4): already 4 places, a JSON number
-        "started_at": _timestamp(row["started_at"], zone),
-        "finished_at": _timestamp(row["finished_at"], zone),
-        "duration_ms": row["duration_ms"],
-        "cache_hit": row["cache_hit"],
-        "created_at": _timestamp(row["created_at"], zone),
-    }
-
-
 class ExecutionFilter(QueryFilter):
     instance = serializers.UUIDField(required=False)
     status = serializers.ChoiceField(choices=Execution.Status.choices, required=False)
@@ -155,11 +95,6 @@ class ExecutionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
         params = ExecutionFilter(data=self.request.query_params)
         params.is_valid(raise_exception=True)
         return execution_list(owner=self.request.user, **params.filters())
-
-    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        page = self.paginate_queryset(self.get_queryset().values(*EXECUTION_LIST_COLUMNS))
-        zone = timezone.get_current_timezone()
-        return self.get_paginated_response([execution_list_item(row, zone) for row in page])
 
 
 SyncSuccess = inline_serializer(
@@ -200,37 +135,13 @@ AsyncAccepted = inline_serializer(
 )
 
 
-_NOT_LOADED = object()
-
-
 class InstanceRunViewSet(viewsets.GenericViewSet):
     """Running an instance. The request body is the tool's inputs, a JSON object."""
-
-    # The instance, when token authentication loaded it (load_with_token); else looked up apart.
-    _instance_with_token: ToolInstance | None | object = _NOT_LOADED
 
     def get_queryset(self) -> QuerySet[ToolInstance]:
         if getattr(self, "swagger_fake_view", False):  # schema generation
             return ToolInstance.objects.none()
         return instance_list(owner=self.request.user)
-
-    def load_with_token(self, key_hash: str) -> ApiToken | None:
-        """The request's API token and, in the same statement, the instance the URL names: a
-        run's first round trip instead of two (benchmark 1 in docs/benchmarks.md). Token
-        authentication calls this instead of loading the token alone."""
-        token, self._instance_with_token = token_and_instance(key_hash=key_hash, instance_id=self.kwargs["pk"])
-        return token
-
-    def get_object(self) -> ToolInstance:
-        # What get_queryset().get(pk=…) would load: with the token when a token signed the request
-        # in, else in a statement of its own (a session's, in the browsable API).
-        instance = self._instance_with_token
-        if instance is _NOT_LOADED:
-            instance = instance_of(owner=self.request.user, instance_id=self.kwargs["pk"])
-        if instance is None:
-            raise Http404
-        self.check_object_permissions(self.request, instance)
-        return instance
 
     def get_serializer(self, *args: Any, **kwargs: Any) -> serializers.Serializer:
         # The browsable API shows a form with the tool's inputs.

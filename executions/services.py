@@ -21,8 +21,9 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
-from django.db.models import F, Q
+from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.command import send_stop_job_command
@@ -31,7 +32,7 @@ from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.timeouts import JobTimeoutException
 
-from instances.crypto import crypto_prepare, seal, unseal
+from instances.crypto import seal, unseal
 from instances.models import CreditAccount, ToolInstance
 from instances.providers import provider_display
 from instances.readiness import Readiness, readiness_check
@@ -42,12 +43,11 @@ from instances.services import (
     credentials_resolve,
     credits_balance,
     credits_hold,
+    credits_settle,
     credits_words,
     file_opener,
 )
 from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
-from toolexec.sql import Insert, insert, writes_chained
-from toolexec.sql import prepare as sql_prepare
 from tools import registry
 from tools.errors import (
     Cancelled,
@@ -66,9 +66,7 @@ from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
 
 from . import events
 from .events import QUEUE_NAME
-from .job_sql import job_load_and_claim, job_sql_prepare
 from .models import CreditLedgerEntry, Execution, Job, Mode
-from .outcome_sql import Finish, outcome_sql_prepare, outcome_write
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +82,10 @@ RUN = "executions.jobs.run"  # the RQ function of every toolexec job
 # are young again); otherwise the oldest are the next a worker takes, so a job lost behind a
 # backlog is found no later than its turn would have come.
 QUEUE_RECOVERY_BATCH = 100
+UNFINISHED = (Execution.Status.PENDING, Execution.Status.RUNNING)
+# What running a job touches, loaded with the job when it is claimed: its execution and tool,
+# its instance (readiness) and the instance's tool, its owner with their credit account.
+JOB_TO_RUN = ("execution__tool", "instance__tool", "owner__credit_account")
 
 
 class JobFinished(ToolexecError):
@@ -198,7 +200,8 @@ def execution_record_start(
     fingerprint: str = "",
 ) -> Execution:
     """Record the attempt (RUNNING for sync), holding the tool's minimum price on the account
-    in the same statement, so concurrent runs cannot spend the same credits twice."""
+    in the same transaction, so concurrent runs cannot spend the same credits twice. Raises
+    InsufficientCredits, and records nothing, when the balance does not cover the hold."""
     definition = instance.tool
     hold = Decimal("0") if account.is_unlimited else definition.base_credits
     started = timezone.now()
@@ -216,10 +219,15 @@ def execution_record_start(
         created_at=started,
     )
     if not hold:
-        insert(execution)
+        execution.save(force_insert=True)
         return execution
-    held = [credits_hold(account=account, amount=hold), Insert("execution", execution, after="hold")]
-    if not writes_chained(held)["execution"]:
+    # The hold and the row commit together: a hold without its run would lose the credits.
+    # Inside a caller's transaction (execution_enqueue) they are part of it, with no savepoint.
+    with transaction.atomic(savepoint=False):
+        held = credits_hold(account=account, amount=hold)
+        if held:
+            execution.save(force_insert=True)
+    if not held:
         raise InsufficientCredits(
             tool=definition.name,
             needed=credits_words(hold),
@@ -313,10 +321,9 @@ def execution_finish(
     Returns False (and writes nothing) when the execution or the job had already reached a
     terminal state: a late report never overwrites one.
 
-    On PostgreSQL the writes are one statement, its SQL written once per process
-    (``outcome_sql``): one round trip, where a transaction of four writes took six. Each write
-    runs only if the one it depends on changed its row: the job's (if any), then the
-    execution's, then the rest.
+    One transaction: the job's end (if any), then the execution's, each a conditional update,
+    then the instance's statistics (``F()``), the settling of the credits held when the run
+    started and the ledger entry. All of it commits, or none.
     """
     now = timezone.now()
     error = outcome.error or {}
@@ -338,20 +345,29 @@ def execution_finish(
         "finished_at": now,
         "duration_ms": duration_ms,
     }
-    finish = Finish(
-        execution=execution,
-        execution_updates=execution_updates,
-        succeeded=succeeded,
-        charge=outcome.credits,
-        duration_ms=duration_ms,
-        now=now,
-        account=account,
-        job=job,
-        job_from=job_from,
-        job_updates=job_updates,
-    )
-    if not outcome_write(finish):
-        return False
+    with transaction.atomic():
+        if job is not None and not Job.objects.filter(pk=job.pk, status__in=job_from).update(**job_updates):
+            return False
+        if not Execution.objects.filter(pk=execution.pk, status__in=UNFINISHED).update(**execution_updates):
+            # The execution ended meanwhile: its job does not end alone.
+            transaction.set_rollback(True)
+            return False
+        if execution.instance_id is not None:
+            ToolInstance.objects.filter(pk=execution.instance_id).update(
+                execution_count=F("execution_count") + 1,
+                success_count=F("success_count") + int(succeeded),
+                failure_count=F("failure_count") + int(not succeeded),
+                credits_consumed=F("credits_consumed") + outcome.credits,
+                total_duration_ms=F("total_duration_ms") + duration_ms,
+                last_executed_at=now,
+            )
+        if account is not None:
+            # Settle what the run costs against what was held when it started, and say why.
+            credits_settle(account=account, held=execution.credits_held, charge=outcome.credits)
+            if outcome.credits:
+                CreditLedgerEntry.objects.create(
+                    account=account, kind=CreditLedgerEntry.Kind.EXECUTION, amount=-outcome.credits, execution=execution
+                )
     if job is not None:
         for name, value in job_updates.items():
             setattr(job, name, value)
@@ -411,7 +427,7 @@ def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: s
             )
             job.rq_job_id = str(job.pk)
             job.sealed_inputs = seal(merged, row_id=str(job.pk), owner_id=instance.owner_id)
-            insert(job)
+            job.save(force_insert=True)
             transaction.on_commit(lambda: outcome.setdefault("enqueued", _enqueue(job, definition, readiness.account)))
     except IntegrityError:
         if not idempotency_key:
@@ -652,39 +668,49 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     _job_end(job, outcome, duration_ms, account, last_report)
 
 
-def job_run_prepare() -> None:
-    """What every run of a job needs and each process would otherwise build on its first job:
-    a worker does it once, before it forks the work-horses that inherit it."""
-    crypto_prepare()
-    job_session_prepare(connect=False)
-
-
-def job_session_prepare(*, connect: bool = True) -> None:
-    """The statements a job runs, written, and (``connect``) planned by the database session a
-    worker lends its work-horses: once per session, so no horse pays for it."""
-    statements = [*job_sql_prepare(), *outcome_sql_prepare()]
-    if connect:
-        sql_prepare(connections[DEFAULT_DB_ALIAS], statements)
-
-
 def job_claim(*, job_id: str, worker_name: str) -> Job | None:
-    """QUEUED → RUNNING, unless the owner already runs their share of jobs
+    """QUEUED → RUNNING with its execution, unless the owner already runs their share of jobs
     (TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER): then the job waits for a later turn. Returns the
-    claimed job, loaded with what running it needs, or None.
+    claimed job, loaded with what running it needs (``JOB_TO_RUN``), or None.
 
-    One claim at a time per owner, so two workers can't both take the last free place: the
-    claim counts the owner's running jobs under a lock on the owner's row (``job_load_and_claim``).
+    One transaction. Claims of one owner's jobs take turns on a lock on the owner's row, held
+    until the claim commits, so two workers can't both take the owner's last place: the count
+    runs after the lock is granted, so it sees every claim committed before. (SQLite locks no
+    rows; it has one writer at a time anyway.)
     """
     now = timezone.now()
     share = settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER
-    job, claimed = job_load_and_claim(job_id, worker_name=worker_name, share=share, now=now)
-    if job is None or job.status != Job.Status.QUEUED:
-        return None
+    with transaction.atomic():
+        try:
+            job = Job.objects.select_related(*JOB_TO_RUN).select_for_update(no_key=True, of=("owner",)).get(pk=job_id)
+        except Job.DoesNotExist:
+            return None
+        if job.status != Job.Status.QUEUED:
+            return None  # a duplicate delivery of a job already claimed or ended
+        waits = Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING).count() >= share
+        claimed = False
+        if not waits:
+            # A count of 0: the job moved meanwhile (a reaper, a cancel); nothing to claim.
+            claimed = bool(
+                Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
+                    status=Job.Status.RUNNING,
+                    worker_name=worker_name[:200],
+                    attempts=F("attempts") + 1,
+                    started_at=now,
+                    heartbeat_at=now,
+                    updated_at=now,
+                )
+            )
+        if claimed:
+            Execution.objects.filter(pk=job.execution_id).update(
+                status=Execution.Status.RUNNING, started_at=Coalesce("started_at", Value(now))
+            )
+    if waits:
+        _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS)
     if not claimed:
-        if Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).exists():  # not taken meanwhile
-            _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS)
         return None
-    job.status, job.worker_name, job.attempts, job.started_at = Job.Status.RUNNING, worker_name, job.attempts + 1, now
+    job.status, job.worker_name, job.attempts = Job.Status.RUNNING, worker_name[:200], job.attempts + 1
+    job.started_at = job.heartbeat_at = job.updated_at = now
     job.execution.status = Execution.Status.RUNNING
     job.execution.started_at = job.execution.started_at or now
     events.publish(str(job.pk), {"event": "state", "status": Job.Status.RUNNING, "progress": job.progress})

@@ -35,10 +35,8 @@ and five so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4)
   frozen out of the garbage collector's sight, so a collection in a horse does not walk, and
   copy page by page, the parent's whole heap;
 - what every horse would otherwise do for itself the first time is done once here, before the
-  first fork (``job_run_prepare``): the ciphers that open a job's sealed inputs are set up
-  (OpenSSL looks them up on first use, 3 ms) and the statements that load and claim a job and
-  write its outcome are written (compiling them through the ORM took a horse 3.8 ms and
-  5.5 ms); and redis-py's name and version for its connection
+  first fork (``crypto_prepare``): the ciphers that open a job's sealed inputs are set up
+  (OpenSSL looks them up on first use, 3 ms); and redis-py's name and version for its connection
   greeting are read once (it reads them from the installed package's metadata for every new
   connection, and a horse's first Redis command opens one).
 
@@ -63,6 +61,8 @@ from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.worker import Worker
 
+from instances.crypto import crypto_prepare
+
 from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
 from .services import (
     RUN,
@@ -70,8 +70,6 @@ from .services import (
     job_claims_forget,
     job_heartbeat,
     job_horse_lost,
-    job_run_prepare,
-    job_session_prepare,
     jobs_reap,
 )
 
@@ -107,7 +105,7 @@ class ToolexecWorker(Worker):
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
-        job_run_prepare()
+        crypto_prepare()
         # Once, not before every fork: what this process allocates later stays collectable.
         gc.collect()
         gc.freeze()
@@ -214,7 +212,6 @@ class ToolexecWorker(Worker):
         try:
             database.close_if_health_check_failed()
             database.ensure_connection()
-            job_session_prepare()  # a round trip on a new session only
         except DatabaseError:
             logger.warning("No database connection to lend to the next work-horse", exc_info=True)
         else:

@@ -1,23 +1,9 @@
 import uuid
-from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 
-from toolexec.models import ApiToken
-from toolexec.sql import Loader, LoaderPair
-
 from .models import Credential, ToolInstance
-
-# ``instance_list(owner=…).get(pk=…)``, its SQL written once: every run looks its instance up.
-_OWNED = Loader(ToolInstance, related=("tool", "owner", "owner__credit_account"), where=("id", "owner"))
-# The API token of a request (its user, their credit account) beside the instance its URL names
-# (its tool): what token authentication and ``instance_of`` load, in one round trip.
-_TOKEN_AND_INSTANCE = LoaderPair(
-    Loader(ApiToken, related=("user", "user__credit_account"), where=("key_hash",)),
-    Loader(ToolInstance, related=("tool",), where=("id",)),
-)
 
 
 def instance_list(
@@ -30,29 +16,6 @@ def instance_list(
     if status:
         qs = qs.filter(status=status)
     return qs
-
-
-def instance_of(*, owner: AbstractBaseUser, instance_id: Any) -> ToolInstance | None:
-    """The owner's instance ``instance_id`` with what :func:`instance_list` joins; None if they
-    have no such instance (or ``instance_id`` is no instance id at all)."""
-    try:
-        return _OWNED.load(instance_id, owner.pk)
-    except ValidationError:
-        return None
-
-
-def token_and_instance(*, key_hash: str, instance_id: Any) -> tuple[ApiToken | None, ToolInstance | None]:
-    """The API token whose key hashes to ``key_hash`` (with its user), and the instance
-    ``instance_id`` as :func:`instance_of` gives it to that user: None if the user does not own
-    it (or ``instance_id`` is no instance id at all)."""
-    try:
-        token, instance = _TOKEN_AND_INSTANCE.load((key_hash,), (instance_id,))
-    except ValidationError:  # a malformed instance id: there is still a token to check
-        return _TOKEN_AND_INSTANCE.first.load(key_hash), None
-    if token is None or instance is None or instance.owner_id != token.user_id:
-        return token, None
-    instance.owner = token.user  # the same row, with the credit account instance_of joins
-    return token, instance
 
 
 def slot_credentials(*, instance: ToolInstance) -> dict[str, Credential | None]:

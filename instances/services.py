@@ -21,7 +21,6 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from toolexec.redaction import scrub, secrets_add
-from toolexec.sql import Update
 from tools.errors import CredentialExpired, CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
 from tools.models import ToolDefinition
 from tools.schemas import defaults_errors, nul_errors
@@ -52,12 +51,12 @@ def credits_balance(*, account: CreditAccount) -> Decimal:
     return CreditAccount.objects.filter(pk=account.pk).values_list("balance", flat=True).get()
 
 
-def credits_hold(*, account: CreditAccount, amount: Decimal) -> Update:
-    """The write that takes ``amount`` off the balance if the balance covers it (a conditional
-    update: it changes no row otherwise). The caller runs it with what the hold is for
-    (``writes_chained``), that write coming ``after`` this one, named "hold"."""
-    values = {"balance": F("balance") - amount, "updated_at": timezone.now()}
-    return Update("hold", CreditAccount.objects.filter(pk=account.pk, balance__gte=amount), values)
+def credits_hold(*, account: CreditAccount, amount: Decimal) -> int:
+    """Take ``amount`` off the balance if the balance covers it: a conditional update, so
+    concurrent holds never spend the same credits twice. Returns the rows changed: 0 when the
+    balance does not cover it (nothing is taken). The caller commits it with what it pays for."""
+    covered = CreditAccount.objects.filter(pk=account.pk, balance__gte=amount)
+    return covered.update(balance=F("balance") - amount, updated_at=timezone.now())
 
 
 def credits_to_settle(*, account: CreditAccount, held: Decimal, charge: Decimal) -> Decimal:
@@ -66,16 +65,13 @@ def credits_to_settle(*, account: CreditAccount, held: Decimal, charge: Decimal)
     return Decimal("0") if account.is_unlimited else charge - held
 
 
-def credits_settle(*, account: CreditAccount, held: Decimal, charge: Decimal, after: str) -> Update | None:
-    """The write that turns a hold into the real charge: it returns what was held beyond the
-    charge, or takes the rest (usage beyond the hold may take the balance below zero; the work
-    was done). None when there is nothing to move. The caller runs it with the outcome it
-    settles (``writes_chained``), ``after`` the write that records that outcome."""
+def credits_settle(*, account: CreditAccount, held: Decimal, charge: Decimal) -> None:
+    """Turn a hold into the real charge: give back what was held beyond the charge, or take the
+    rest (usage beyond the hold may take the balance below zero; the work was done). No write
+    when there is nothing to move. The caller commits it with the outcome it settles."""
     difference = credits_to_settle(account=account, held=held, charge=charge)
-    if not difference:
-        return None
-    values = {"balance": F("balance") - difference, "updated_at": timezone.now()}
-    return Update("account", CreditAccount.objects.filter(pk=account.pk), values, after=after)
+    if difference:
+        CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") - difference, updated_at=timezone.now())
 
 
 def _check_config(tool: ToolDefinition, config: Any) -> dict[str, Any]:

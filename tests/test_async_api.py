@@ -44,12 +44,12 @@ BASE_URL = "https://toolexec.test"  # TOOLEXEC_BASE_URL in tests/settings.py
 DEMO = "demo-long-task"  # async only, 0.01 credits a run
 QUICK = {"steps": 1, "step_seconds": 0}
 
-# execute-async of a priced tool, measured at 9: auth (1), the instance with its tool and
-# account joined (1), readiness (0), then one transaction: BEGIN, SAVEPOINT (the attempt's own
-# atomic block, nested), hold the credits (UPDATE), INSERT execution, RELEASE, INSERT job,
-# COMMIT. An Idempotency-Key adds its lookup (1).
-EXECUTE_ASYNC_BUDGET = 9
-EXECUTE_ASYNC_WITH_KEY_BUDGET = 10
+# execute-async of a priced tool, measured at 7: auth (1), the instance with its tool and
+# account joined (1), readiness (0), then one transaction: BEGIN, hold the credits (UPDATE),
+# INSERT execution, INSERT job, COMMIT (the attempt's writes join it: no savepoint). An
+# Idempotency-Key adds its lookup (1).
+EXECUTE_ASYNC_BUDGET = 7
+EXECUTE_ASYNC_WITH_KEY_BUDGET = 8
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -282,8 +282,8 @@ def test_a_lost_job_of_a_tool_that_allows_it_is_retried_and_completes(api, user,
 
 
 def test_a_job_never_ends_alone_when_its_execution_has_already_ended(api, user, make_instance):
-    """The outcome's one statement writes the job only while its execution is unfinished, so
-    the two rows can't disagree (execution_finish; toolexec/sql.py)."""
+    """The outcome ends the job only with its execution, in one transaction, so the two rows
+    can't disagree (execution_finish)."""
     from executions.services import Outcome, execution_finish, job_claim
 
     instance = make_instance("test-noop", owner=user)

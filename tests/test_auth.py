@@ -214,15 +214,15 @@ def test_run_with_an_unknown_token_is_refused(user, make_instance, run):
 
 
 @pytest.mark.parametrize("run", RUNS)
-def test_run_of_someone_elses_instance_is_not_found_in_one_query(
+def test_run_of_someone_elses_instance_is_not_found_without_touching_it(
     user, other_user, make_instance, run, django_assert_num_queries
 ):
-    """The token and the instance come in one statement; the instance of another user in it
-    is dropped, so the answer is the 404 of an instance that does not exist."""
+    """The token, then the instance among the user's own: another user's is the 404 of an
+    instance that does not exist, and nothing more is read or written."""
     theirs = make_instance(owner=other_user)
     _, key = ApiToken.issue(user=user)
 
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):
         response = token_client(key).post(f"/api/v1/instances/{theirs.pk}/{run}", {}, format="json")
 
     assert_envelope(response, 404, "NOT_FOUND")

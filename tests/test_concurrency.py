@@ -267,3 +267,44 @@ def test_workers_claiming_one_owners_jobs_at_once_run_exactly_their_share(user, 
     assert {(job.attempts, job.execution.status, job.execution.started_at) for job in waiting} == {(0, "PENDING", None)}
     assert {job.attempts for job in done} == {1}
     assert done.count() >= 2
+
+
+def _waiting_on_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return cursor.fetchone()[0] > 0
+
+
+@pytest.mark.redis
+def test_a_claim_waits_for_the_owners_lock_and_counts_the_claim_made_under_it(user, make_instance, settings):
+    """Another worker holds the owner's lock and has taken the owner's one place, not yet
+    committed: a claim waits for that claim to commit, then counts it, and the job waits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+
+    from executions.models import Job
+    from executions.services import execution_enqueue, job_claim
+
+    settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER = 1
+    instance = make_instance("test-noop", owner=user)
+    first, second = (execution_enqueue(instance=instance, inputs={}).job for _ in range(2))
+
+    def claim_elsewhere() -> Job | None:
+        try:
+            return job_claim(job_id=str(second.pk), worker_name="other")
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=1) as other:
+        with transaction.atomic():
+            get_user_model().objects.select_for_update(no_key=True).get(pk=user.pk)
+            Job.objects.filter(pk=first.pk).update(status=Job.Status.RUNNING)
+            pending = other.submit(claim_elsewhere)
+            deadline = time.monotonic() + 10
+            while not _waiting_on_a_lock():
+                assert time.monotonic() < deadline and not pending.done(), "the claim did not wait for the lock"
+                time.sleep(0.01)
+        assert pending.result(timeout=10) is None
+    assert Job.objects.get(pk=second.pk).status == Job.Status.QUEUED

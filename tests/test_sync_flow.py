@@ -626,3 +626,125 @@ def test_capabilities_list_the_credential_slots_of_a_tool_that_needs_an_account(
     assert [slot["name"] for slot in body["credential_slots"]] == ["OAUTH_TOKEN"]
     assert body["credential_slots"][0]["provider"] == "google"
     assert body["modes"] == ["sync", "async"]
+
+
+# --- Recording a run: the hold, the outcome, the books ------------------------------------
+# Through the services, on whichever database the suite runs: the same writes on PostgreSQL
+# and SQLite.
+
+
+def recorded_start(make_instance, user, tool: str = "test-priced", balance: str = "5") -> tuple[Execution, Any]:
+    """A sync run recorded as started: its minimum price held (0.01 for test-priced)."""
+    from executions.models import Mode
+    from executions.services import execution_record_start
+
+    account, _ = CreditAccount.objects.update_or_create(owner=user, defaults={"balance": Decimal(balance)})
+    instance = make_instance(tool, owner=user)
+    return execution_record_start(instance=instance, inputs={}, mode=Mode.SYNC, account=account), account
+
+
+def statistics_of(execution: Execution) -> tuple:
+    instance = ToolInstance.objects.get(pk=execution.instance_id)
+    return (
+        instance.execution_count,
+        instance.success_count,
+        instance.failure_count,
+        instance.credits_consumed,
+        instance.total_duration_ms,
+    )
+
+
+def finish(execution: Execution, account: Any, status: str, *, credits: str = "0", duration_ms: int = 1, **kw) -> bool:
+    from executions.services import Outcome, execution_finish
+
+    outcome = Outcome(status, credits=Decimal(credits), **kw)
+    return execution_finish(execution=execution, outcome=outcome, duration_ms=duration_ms, account=account)
+
+
+def test_a_hold_the_balance_does_not_cover_records_nothing(make_instance, user):
+    from executions.models import Mode
+    from executions.services import execution_record_start
+    from tools.errors import InsufficientCredits
+
+    CreditAccount.objects.update_or_create(owner=user, defaults={"balance": Decimal("0.001")})
+    instance = make_instance("test-priced", owner=user)
+    account = CreditAccount.objects.get(owner=user)
+
+    with pytest.raises(InsufficientCredits):
+        execution_record_start(instance=instance, inputs={}, mode=Mode.SYNC, account=account)
+
+    assert not Execution.objects.exists()
+    assert balance_of(user) == Decimal("0.001")
+
+
+def test_a_charge_beyond_the_hold_settles_the_rest_and_is_entered_in_the_ledger(make_instance, user):
+    execution, account = recorded_start(make_instance, user)
+    assert balance_of(user) == Decimal("4.99")  # 0.01 held
+
+    assert finish(execution, account, "COMPLETED", credits="1.51", duration_ms=7, output={"ok": True})
+
+    row = Execution.objects.get(pk=execution.pk)
+    assert (row.status, row.output_data, row.credits_consumed, row.duration_ms) == (
+        "COMPLETED",
+        {"ok": True},
+        Decimal("1.51"),
+        7,
+    )
+    assert row.finished_at is not None and (row.error_code, row.error_message, row.error_metadata) == ("", "", {})
+    assert balance_of(user) == Decimal("3.49")
+    assert statistics_of(execution) == (1, 1, 0, Decimal("1.51"), 7)
+    entry = CreditLedgerEntry.objects.get(execution=execution)
+    assert (entry.account_id, entry.kind, entry.amount) == (account.pk, "EXECUTION", Decimal("-1.51"))
+    assert entry.created_at is not None and entry.reason == "" and entry.created_by_id is None
+
+
+def test_a_failed_run_gives_the_hold_back_and_enters_nothing(make_instance, user):
+    execution, account = recorded_start(make_instance, user)
+    error = {"error_code": "TOOL_ERROR", "error_message": "It broke.", "metadata": {"tool": "Test Priced"}}
+
+    assert finish(execution, account, "FAILED", duration_ms=3, error=error)
+
+    row = Execution.objects.get(pk=execution.pk)
+    assert (row.status, row.output_data, row.error_code, row.error_message) == (
+        "FAILED",
+        None,
+        "TOOL_ERROR",
+        "It broke.",
+    )
+    assert row.error_metadata == {"tool": "Test Priced"} and row.credits_consumed == 0
+    assert balance_of(user) == Decimal("5")
+    assert statistics_of(execution) == (1, 0, 1, Decimal("0"), 3)
+    assert not CreditLedgerEntry.objects.filter(execution=execution).exists()
+
+
+def test_an_unlimited_account_is_charged_nothing_but_the_charge_is_entered(make_instance, user):
+    execution, account = recorded_start(make_instance, user)
+    CreditAccount.objects.filter(pk=account.pk).update(is_unlimited=True, balance=Decimal("2"))
+    account.refresh_from_db()
+
+    assert finish(execution, account, "COMPLETED", credits="0.51", output={})
+
+    assert balance_of(user) == Decimal("2")
+    assert CreditLedgerEntry.objects.get(execution=execution).amount == Decimal("-0.51")
+
+
+def test_a_run_whose_instance_was_deleted_meanwhile_still_ends(make_instance, user):
+    execution, account = recorded_start(make_instance, user, tool="test-noop")
+    ToolInstance.objects.filter(pk=execution.instance_id).delete()
+    execution.refresh_from_db()
+    assert execution.instance_id is None
+
+    assert finish(execution, account, "COMPLETED", output={})
+    assert Execution.objects.get(pk=execution.pk).status == "COMPLETED"
+
+
+def test_a_late_outcome_never_overwrites_an_ended_run(make_instance, user):
+    execution, account = recorded_start(make_instance, user)
+    assert finish(execution, account, "COMPLETED", credits="1", duration_ms=5, output={"ok": True})
+    books = (balance_of(user), statistics_of(execution), CreditLedgerEntry.objects.count())
+
+    late = {"error_code": "TIMEOUT", "error_message": "Too late."}
+    assert not finish(execution, account, "FAILED", duration_ms=9, error=late)
+
+    assert Execution.objects.get(pk=execution.pk).status == "COMPLETED"
+    assert (balance_of(user), statistics_of(execution), CreditLedgerEntry.objects.count()) == books

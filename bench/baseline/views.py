@@ -17,12 +17,12 @@ from django.db import connection, transaction
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from toolexec.auth import _TOKEN
-from toolexec.models import token_hash
+from toolexec.auth import HashedTokenAuthentication
 from toolexec.throttles import UserThrottle
 
 TABLES_SQL = """
@@ -66,10 +66,13 @@ def baseline_execute(request: HttpRequest) -> JsonResponse:
 @require_POST
 def guarded_execute(request: HttpRequest) -> JsonResponse:
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    token = _TOKEN.load(token_hash(key)) if scheme == "Token" and key else None
-    if token is None or not token.user.is_active:
+    try:
+        # The product's own token statement (one SELECT by the key's hash, with the user).
+        if scheme != "Token" or not key:
+            raise AuthenticationFailed()
+        request.user, _ = HashedTokenAuthentication().authenticate_credentials(key)
+    except AuthenticationFailed:
         return JsonResponse({"success": False, "error": {"code": "PERMISSION_DENIED"}}, status=401)
-    request.user = token.user
     if not UserThrottle().allow_request(request, None):
         return JsonResponse({"success": False, "error": {"code": "THROTTLED"}}, status=429)
     return JsonResponse(_record(json.loads(request.body or b"{}")))
