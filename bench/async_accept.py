@@ -64,8 +64,8 @@ def fixtures() -> tuple[str, str]:
     the token and the execute-async path."""
     from django.contrib.auth import get_user_model
 
+    from core.models import ApiToken
     from instances.services import instance_create
-    from toolexec.models import ApiToken
     from tools.models import ToolDefinition
 
     user = get_user_model().objects.create_user(username=f"bench-async-{time.time_ns()}", password=None)

@@ -276,8 +276,8 @@ def deep_cursor_seed(owner_id: int, page_size: int) -> str:
     created_at, as the ``next`` link of the page before it would carry it."""
     from rest_framework.pagination import Cursor
 
+    from core.api import NewestFirstPagination
     from executions.models import Execution
-    from toolexec.api import NewestFirstPagination
 
     position = (
         Execution.objects.filter(owner_id=owner_id)
@@ -437,8 +437,8 @@ def measure() -> dict[str, Any]:
     from django.contrib.auth import get_user_model
     from django.test.utils import override_settings
 
-    from toolexec.api import NewestFirstPagination
-    from toolexec.models import ApiToken
+    from core.api import NewestFirstPagination
+    from core.models import ApiToken
 
     data = generate()
     print(

@@ -27,8 +27,8 @@ def fixtures() -> dict[str, str]:
     """A user with an API token and an ACTIVE instance of the bench no-op tool."""
     from django.contrib.auth import get_user_model
 
+    from core.models import ApiToken
     from instances.services import instance_create
-    from toolexec.models import ApiToken
     from tools.models import ToolDefinition
 
     user = get_user_model().objects.create_user(username=f"bench-{time.time_ns()}", password=None)
@@ -230,8 +230,8 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "statements in a DRF `APIView` with the product's settings (token authentication, throttles, "
         "renderers): not a target, it shows what of the gap any token-authenticated DRF endpoint pays. "
         "The *guarded* arm runs them in a plain Django view (no DRF) after the product's own token "
-        "statement (`toolexec.auth`: the token and its user by the key's hash, one SELECT) and its "
-        "own per-user throttle (`toolexec.throttles.UserThrottle`: one Redis round trip): not a target "
+        "statement (`core.auth`: the token and its user by the key's hash, one SELECT) and its "
+        "own per-user throttle (`core.throttles.UserThrottle`: one Redis round trip): not a target "
         "either, it is the least any endpoint that authenticates and throttles each request pays. "
         f"wrk with a JSON body, {result['round_seconds']} s per round, one warm-up round per arm, then "
         f"{ROUNDS} rounds alternating the order (A B, B A, …). Latency figures are the median "

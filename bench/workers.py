@@ -235,7 +235,7 @@ def product_instance(label: str) -> Any:
 
 
 def product_token(instance: Any) -> str:
-    from toolexec.models import ApiToken
+    from core.models import ApiToken
 
     _, key = ApiToken.issue(user=instance.owner, name="bench")
     return key

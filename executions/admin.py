@@ -24,10 +24,10 @@ from django.utils.safestring import SafeString, mark_safe
 from redis.exceptions import RedisError
 from rq.job import Job as RQJob
 
+from core.admin_site import ReadOnlyMixin
+from core.errors import ToolexecError
+from core.redaction import redact
 from instances.models import CreditAccount
-from toolexec.admin_site import ReadOnlyMixin
-from toolexec.redaction import redact
-from tools.errors import ToolexecError
 
 from . import events
 from .models import CreditLedgerEntry, Execution, Job

@@ -18,11 +18,11 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from core.api import NewestFirstPagination, QueryFilter
+from core.schema import ErrorEnvelopeSerializer, error_responses
 from instances.api import tool_inputs_serializer
 from instances.models import ToolInstance
 from instances.selectors import instance_list
-from toolexec.api import NewestFirstPagination, QueryFilter
-from toolexec.schema import ErrorEnvelopeSerializer, error_responses
 
 from .models import Execution, Job, Mode
 from .selectors import execution_list, job_list, utc_day

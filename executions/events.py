@@ -8,18 +8,17 @@ learn it was cancelled.
 from __future__ import annotations
 
 import json
-import os
 import time
-from functools import lru_cache
 from typing import Any
 
 import django_rq
-from django.conf import settings
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, get_current_job
 
-QUEUE_NAME = "default"
+from core.redis import QUEUE_NAME
+from core.redis import redis as shared_redis
+
 CANCEL_FLAG_TTL = 24 * 3600
 
 
@@ -31,12 +30,7 @@ def redis() -> Redis:
     job = get_current_job()
     if job is not None:
         return job.connection
-    return _client(os.getpid(), json.dumps(settings.RQ_QUEUES[QUEUE_NAME], sort_keys=True, default=str))
-
-
-@lru_cache(maxsize=8)
-def _client(pid: int, config: str) -> Redis:
-    return django_rq.get_connection(QUEUE_NAME)
+    return shared_redis()
 
 
 def queue() -> Queue:

@@ -25,10 +25,10 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from redis.exceptions import RedisError
 
+from core.errors import ToolexecError, http_status
 from instances.models import ToolInstance
 from instances.readiness import readiness_check
 from instances.services import credits_words
-from tools.errors import ToolexecError, http_status
 from tools.models import ToolDefinition
 from tools.sdk import ASYNC
 

@@ -32,6 +32,8 @@ from rq.job import Job as RQJob
 from rq.job import JobStatus
 from rq.timeouts import JobTimeoutException
 
+from core.errors import ErrorCode, ToolexecError, envelope
+from core.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
 from instances.crypto import seal, unseal
 from instances.models import CreditAccount, ToolInstance
 from instances.providers import provider_display
@@ -47,19 +49,15 @@ from instances.services import (
     credits_words,
     file_opener,
 )
-from toolexec.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
 from tools import registry
 from tools.errors import (
     Cancelled,
-    ErrorCode,
     IdempotencyConflict,
     InputInvalid,
     InsufficientCredits,
     QueueUnavailable,
-    ToolexecError,
     ToolTimeout,
     ToolUnavailable,
-    envelope,
 )
 from tools.schemas import errors_by_field, nul_errors, summary
 from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool

@@ -15,8 +15,9 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
-from toolexec.admin_site import ReadOnlyMixin
-from tools.errors import InputInvalid, ToolexecError
+from core.admin_site import ReadOnlyMixin
+from core.errors import ToolexecError
+from tools.errors import InputInvalid
 
 from .crypto import SecretUnreadable
 from .models import Credential, CredentialAuditEntry, ToolInstance, UploadedFile

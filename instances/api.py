@@ -7,8 +7,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from toolexec.api import NewestFirstPagination, QueryFilter
-from toolexec.schema import error_responses
+from core.api import NewestFirstPagination, QueryFilter
+from core.schema import error_responses
 from tools.api import CredentialSlotSerializer, PricingSerializer
 from tools.models import ToolDefinition
 

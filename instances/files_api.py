@@ -17,8 +17,8 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from toolexec.api import NewestFirstPagination
-from toolexec.schema import error_responses
+from core.api import NewestFirstPagination
+from core.schema import error_responses
 
 from .models import UploadedFile
 from .services import file_delete, file_too_large, file_upload

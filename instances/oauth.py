@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
 
@@ -34,9 +33,9 @@ from django.core.cache import cache
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
-from redis import Redis
 from redis.exceptions import LockError, RedisError
 
+from core.redis import redis
 from tools import registry
 from tools.errors import CredentialExpired, UpstreamError, UpstreamRateLimited
 
@@ -407,16 +406,11 @@ def _token_request(client: OAuthClient, form: dict[str, str]) -> dict[str, Any]:
 # --- Refresh -----------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4)
-def _redis(url: str) -> Redis:
-    return Redis.from_url(url)
-
-
 @contextmanager
 def _refresh_lock(credential_id: str) -> Iterator[None]:
     """One refresh of a credential at a time, across processes. Without Redis the refresh
     still happens (an extra refresh is harmless; a refused run is not)."""
-    lock = _redis(settings.REDIS_URL).lock(
+    lock = redis().lock(
         f"toolexec:oauth-refresh:{credential_id}", timeout=REFRESH_LOCK_SECONDS, blocking_timeout=REFRESH_LOCK_SECONDS
     )
     try:

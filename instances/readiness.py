@@ -13,8 +13,8 @@ from typing import Any
 
 from django.utils import timezone
 
+from core.errors import ErrorCode, action_items, envelope
 from tools import registry
-from tools.errors import ErrorCode, action_items, envelope
 from tools.sdk import MODES
 
 from .models import Credential, CreditAccount, ToolInstance
@@ -82,7 +82,7 @@ class Readiness:
 
     def refusal(self) -> tuple[int, dict[str, Any]]:
         """The error envelope (and HTTP status) that refuses a run on this readiness."""
-        from tools.errors import http_status
+        from core.errors import http_status
 
         first = self.failures[0]
         body = envelope(first.error_code, self.params, items=self.action_items)

@@ -20,8 +20,9 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from toolexec.redaction import scrub, secrets_add
-from tools.errors import CredentialExpired, CredentialInvalid, ErrorCode, InputInvalid, ToolexecError
+from core.errors import ErrorCode, ToolexecError
+from core.redaction import scrub, secrets_add
+from tools.errors import CredentialExpired, CredentialInvalid, InputInvalid
 from tools.models import ToolDefinition
 from tools.schemas import defaults_errors, nul_errors
 

@@ -48,7 +48,7 @@ def other_user(db):
 
 def token_client(user) -> APIClient:
     """An API client signed in as ``user`` with a real (hashed) API token."""
-    from toolexec.models import ApiToken
+    from core.models import ApiToken
 
     _, key = ApiToken.issue(user=user)
     client = APIClient()

@@ -13,11 +13,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from core.models import ApiToken
 from executions.models import CreditLedgerEntry, Execution, Job
 from instances.models import UploadedFile
 from instances.services import credential_create, credit_account_for, instance_configure_credentials, instance_create
 from tests.factories import UserFactory
-from toolexec.models import ApiToken
 from tools.models import ToolDefinition
 
 pytestmark = [pytest.mark.postgres]
@@ -33,7 +33,7 @@ BUDGETS = {
     "instances_toolinstance": 6,
     "instances_uploadedfile": 7,
     "instances_creditaccount": 4,
-    "toolexec_apitoken": 5,
+    "core_apitoken": 5,
     "auth_user": 6,
     "auth_group": 5,
     "executions_execution": 7,
@@ -131,7 +131,7 @@ CASES = {
     "instances_toolinstance": make_instances,
     "instances_uploadedfile": make_uploads,
     "instances_creditaccount": make_accounts,
-    "toolexec_apitoken": make_tokens,
+    "core_apitoken": make_tokens,
     "auth_user": make_users,
     "auth_group": make_groups,
     "executions_execution": make_executions,

@@ -26,6 +26,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 from rq import Queue
 
+from core.models import ApiToken
 from executions import events
 from executions.models import Execution, Job
 from executions.services import execution_enqueue
@@ -34,7 +35,6 @@ from instances.selectors import instance_list
 from instances.services import credential_create, instance_configure_credentials
 from tests.conftest import wait_for
 from tests.test_concurrency import run_together
-from toolexec.models import ApiToken
 from tools.models import ToolDefinition
 from tools.services import catalog_sync
 

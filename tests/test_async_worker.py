@@ -25,13 +25,13 @@ from rest_framework.test import APIClient
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
+from core.models import ApiToken
 from executions.models import CreditLedgerEntry, Execution, Job
 from executions.services import execution_enqueue
 from instances.models import CreditAccount, ToolInstance
 from tests.conftest import wait_for
 from tests.factories import UserFactory
 from tests.tools import attempts_key
-from toolexec.models import ApiToken
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 

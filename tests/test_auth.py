@@ -12,9 +12,9 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from core.models import ApiToken
 from executions.models import Execution
 from instances.models import ToolInstance
-from toolexec.models import ApiToken
 
 pytestmark = pytest.mark.django_db
 

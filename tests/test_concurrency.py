@@ -19,9 +19,9 @@ from django.db import DatabaseError, connection
 from django.db.models import Sum
 from rest_framework.test import APIClient
 
+from core.models import ApiToken
 from executions.models import CreditLedgerEntry, Execution
 from instances.models import CreditAccount, ToolInstance
-from toolexec.models import ApiToken
 from tools import registry
 from tools.models import ToolDefinition
 from tools.sdk import Tool

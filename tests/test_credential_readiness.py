@@ -24,9 +24,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from core.errors import ErrorCode, envelope
 from instances.models import Credential, ToolInstance
 from tools import registry
-from tools.errors import CredentialExpired, CredentialInvalid, CredentialRevoked, ErrorCode, envelope
+from tools.errors import CredentialExpired, CredentialInvalid, CredentialRevoked
 from tools.sdk import SYNC, CredentialSlot, ExecutionContext, Tool
 from tools.services import catalog_sync
 

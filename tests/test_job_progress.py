@@ -21,12 +21,12 @@ import pytest
 from django.db import connection, connections
 from rest_framework.test import APIClient
 
+from core.models import ApiToken
 from executions.models import CreditLedgerEntry, Execution, Job
 from executions.services import PROGRESS_WRITE_INTERVAL, JobProgress, Outcome, execution_finish, job_run, job_stop
 from instances.models import CreditAccount, ToolInstance
 from tests.conftest import wait_for
 from tests.job_events import Listener
-from toolexec.models import ApiToken
 from tools import registry
 from tools.sdk import ASYNC, ExecutionContext, Tool
 from tools.services import catalog_sync

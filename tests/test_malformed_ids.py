@@ -18,9 +18,9 @@ from django.test import Client
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
+from core.api import not_found_envelope
 from executions import page_urls
 from tests.tools import GoogleSheetTool, NoopTool
-from toolexec.api import not_found_envelope
 
 MALFORMED = [
     "0" * 36,

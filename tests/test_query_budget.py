@@ -10,12 +10,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
+from core.models import ApiToken
 from executions.models import Execution
 from executions.services import execution_run_sync
 from instances.models import ToolInstance
 from instances.selectors import instance_list
 from tests.factories import UserFactory
-from toolexec.models import ApiToken
 from tools.models import ToolDefinition
 
 # Counted as Django sees them, BEGIN and COMMIT included (each is a round trip), outside a test

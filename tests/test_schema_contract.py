@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from rest_framework.test import APIClient
 from schemathesis.config import SchemathesisConfig
 
+from core.errors import ErrorCode, envelope
+from core.models import ApiToken
 from executions.models import Execution, Job
 from tests.tools import ExplodingTool, GoogleSheetTool, NoopTool, PricedTool, UpstreamFailingTool
-from toolexec.models import ApiToken
-from tools.errors import ErrorCode, envelope
 
 SEED = 19
 EXAMPLES_PER_OPERATION = 12

@@ -11,10 +11,11 @@ from decimal import Decimal
 import pytest
 from jsonschema.exceptions import SchemaError
 
+from core.errors import ErrorCode
 from tests.tools import NoopTool, PricedTool
 from tools import registry
 from tools.builtin.json_transform import JsonTransform
-from tools.errors import Cancelled, CredentialMissing, ErrorCode, ToolTimeout
+from tools.errors import Cancelled, CredentialMissing, ToolTimeout
 from tools.schemas import ROOT, defaults_errors, errors_by_field, summary
 from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
 

@@ -18,10 +18,11 @@ import urllib3.util.connection
 from pytest_httpserver import HTTPServer
 from rest_framework.test import APIClient
 
+from core.errors import ErrorCode
 from executions.models import Execution
 from tools import net
 from tools.builtin.http_request import HttpRequest
-from tools.errors import ErrorCode, UpstreamError
+from tools.errors import UpstreamError
 
 pytestmark = pytest.mark.django_db
 

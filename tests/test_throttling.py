@@ -65,7 +65,7 @@ def test_with_redis_unreachable_requests_are_served_unthrottled_and_it_is_logged
     settings.RQ_QUEUES = {"default": {"URL": "redis://127.0.0.1:1/0"}}  # nothing listens there
     set_rate(settings, "user", "1/min")
 
-    with caplog.at_level(logging.WARNING, logger="toolexec.throttles"):
+    with caplog.at_level(logging.WARNING, logger="core.throttles"):
         statuses = [api.get("/api/v1/tools/").status_code for _ in range(3)]
 
     assert statuses == [200, 200, 200]

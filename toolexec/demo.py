@@ -14,11 +14,10 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
+from core.models import ApiToken
 from instances.models import ToolInstance
 from instances.services import instance_create, instance_transition
 from tools.models import ToolDefinition
-
-from .models import ApiToken
 
 ADMIN_USERNAME = "admin"
 DEMO_USERNAME = "demo"

@@ -77,7 +77,7 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost" if DEBUG else ""
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
-    "toolexec.apps.ToolexecAdminConfig",
+    "core.apps.CoreAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -88,6 +88,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_rq",
+    "core",
     "toolexec",
     "tools",
     "instances",
@@ -209,13 +210,13 @@ STORAGES = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "toolexec.auth.HashedTokenAuthentication",
+        "core.auth.HashedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_THROTTLE_CLASSES": [
-        "toolexec.throttles.AnonThrottle",
-        "toolexec.throttles.UserThrottle",
+        "core.throttles.AnonThrottle",
+        "core.throttles.UserThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {
         "anon": env_str("TOOLEXEC_THROTTLE_ANON", "60/min"),
@@ -227,12 +228,12 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "DEFAULT_PARSER_CLASSES": [
-        "toolexec.parsers.JSONParser",  # refuses JSON nested too deeply as a 400
+        "core.parsers.JSONParser",  # refuses JSON nested too deeply as a 400
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
-    "DEFAULT_SCHEMA_CLASS": "toolexec.schema.ToolexecAutoSchema",  # adds the error answers
-    "EXCEPTION_HANDLER": "toolexec.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "core.schema.ToolexecAutoSchema",  # adds the error answers
+    "EXCEPTION_HANDLER": "core.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "COERCE_DECIMAL_TO_STRING": False,
 }
@@ -266,6 +267,11 @@ TOOLEXEC_JOB_HEARTBEAT_SECONDS = env_int("TOOLEXEC_JOB_HEARTBEAT_SECONDS", 5, mi
 TOOLEXEC_JOB_STALE_SECONDS = env_int("TOOLEXEC_JOB_STALE_SECONDS", 20, minimum=2)
 # How long a cancelled running job may take to reach a cancellation check before it is stopped.
 TOOLEXEC_CANCEL_GRACE_SECONDS = env_int("TOOLEXEC_CANCEL_GRACE_SECONDS", 5, minimum=0)
+# The warm worker (manage.py toolexec_worker): job processes per supervisor, and when a job
+# process makes way for a fresh one: after this many jobs, or above this RSS after a job.
+TOOLEXEC_WORKER_PROCESSES = env_int("TOOLEXEC_WORKER_PROCESSES", 2, minimum=1)
+TOOLEXEC_WORKER_MAX_JOBS = env_int("TOOLEXEC_WORKER_MAX_JOBS", 1000, minimum=1)
+TOOLEXEC_WORKER_MAX_RSS_MB = env_int("TOOLEXEC_WORKER_MAX_RSS_MB", 512, minimum=32)
 # How long a QUEUED job may be missing from Redis (it restarted empty, or the enqueue never
 # happened) before the reaper queues it again; longer than a job takes from its commit to its
 # enqueue, so that one on its way is not doubled.

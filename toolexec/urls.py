@@ -3,14 +3,13 @@ from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from core.admin_site import rq_dashboard_urls
+from core.api import TokenView
+from core.routers import UUID_PATTERN, ApiRouter
 from executions.api import ExecutionViewSet, InstanceRunViewSet, JobViewSet
 from instances.api import CredentialViewSet, InstanceViewSet
 from instances.files_api import FileViewSet
 from tools.api import ToolViewSet
-
-from .admin_site import rq_dashboard_urls
-from .api import TokenView
-from .routers import UUID_PATTERN, ApiRouter
 
 router = ApiRouter()
 router.register("tools", ToolViewSet, basename="tool")
@@ -35,5 +34,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
 ]
 
-handler404 = "toolexec.api.handler404"
-handler500 = "toolexec.api.handler500"
+handler404 = "core.api.handler404"
+handler500 = "core.api.handler500"

@@ -22,8 +22,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from toolexec.auth import HashedTokenAuthentication
-from toolexec.throttles import UserThrottle
+from core.auth import HashedTokenAuthentication
+from core.throttles import UserThrottle
 
 TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS bench_baseline_run (

@@ -18,7 +18,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from django.conf import settings
 
-from toolexec.redaction import secrets_add
+from core.redaction import secrets_add
 
 from ..errors import CredentialInvalid, FieldErrors, InputInvalid
 from ..net import DestinationRefused, destination_check, guarded_request, parse_url_strict

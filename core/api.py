@@ -20,9 +20,8 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView, set_rollback
 
-from tools.errors import ErrorCode, ToolexecError, envelope
-
 from .auth import token_issue_for_login
+from .errors import ErrorCode, ToolexecError, envelope, http_status
 from .schema import error_responses
 from .throttles import ScopedThrottle
 
@@ -108,8 +107,6 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         exc = exceptions.ValidationError("The request has too many fields or files, or is too large, for this server.")
 
     if isinstance(exc, ToolexecError):
-        from tools.errors import http_status
-
         code_status, body = http_status(exc.code), exc.envelope()
     elif isinstance(exc, exceptions.APIException):
         code_status, body = _drf_envelope(exc)

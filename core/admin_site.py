@@ -23,7 +23,7 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
             ("instances", "CredentialAuditEntry"),
             ("instances", "ToolInstance"),
             ("instances", "UploadedFile"),
-            ("toolexec", "ApiToken"),
+            ("core", "ApiToken"),
             ("auth", "User"),
             ("auth", "Group"),
         ],

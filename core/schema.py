@@ -19,8 +19,7 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.permissions import SAFE_METHODS
 from rest_framework.settings import api_settings
 
-from tools.errors import CATALOG, ErrorCode
-
+from .errors import CATALOG, ErrorCode
 from .routers import UUID_PATTERN
 
 
@@ -99,7 +98,7 @@ class ToolexecAutoSchema(AutoSchema):
         if operation is None:
             return None
         for parameter in operation.get("parameters", []):
-            # The router's UUID pattern (toolexec.api.ApiRouter) is what "format: uuid" means.
+            # The router's UUID pattern (core.api.ApiRouter) is what "format: uuid" means.
             if parameter["in"] == "path" and parameter["schema"].get("pattern") == _UUID_SCHEMA_PATTERN:
                 parameter["schema"] = {"type": "string", "format": "uuid"}
         responses = operation["responses"]

@@ -21,6 +21,8 @@ from redis.exceptions import RedisError
 from rest_framework.settings import api_settings
 from rest_framework.throttling import AnonRateThrottle, ScopedRateThrottle, UserRateThrottle
 
+from .redis import redis
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,8 +44,6 @@ class _FixedWindowMixin:
         self.key = self.get_cache_key(request, view)  # type: ignore[attr-defined]
         if self.key is None:
             return True
-        from executions.events import redis
-
         now = time.time()
         window = int(now // self.duration)
         key = f"toolexec:{self.key}:{window}"
