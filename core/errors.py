@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
+from django.urls import NoReverseMatch, reverse
 
 
 class ErrorCode(StrEnum):
@@ -50,10 +51,21 @@ class ErrorCode(StrEnum):
 
 
 @dataclass(frozen=True)
+class Route:
+    """An API URL by its route name, built with reverse() when an error is rendered: the name
+    and the ``pk`` come from the error's params (``pk`` names the param that holds it)."""
+
+    name: str
+    pk: str = "instance_id"
+
+
+@dataclass(frozen=True)
 class Action:
     action: str
     message: str
-    path: str = ""  # formatted with the error's params, made absolute with TOOLEXEC_BASE_URL
+    # Where to do it: a Route, or a path from the error's params (a provider's reconnect page);
+    # made absolute with TOOLEXEC_BASE_URL.
+    path: Route | str = ""
     priority: str = "medium"
 
 
@@ -65,8 +77,6 @@ class CatalogEntry:
     actions: tuple[Action, ...] = ()
 
 
-_INSTANCE = "/api/v1/instances/{instance_id}"
-
 CATALOG: dict[ErrorCode, CatalogEntry] = {
     ErrorCode.CREDENTIAL_MISSING: CatalogEntry(
         409,
@@ -75,7 +85,7 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
             Action(
                 "fix_credential",
                 "Connect your {provider} account and map it to this instance",
-                _INSTANCE + "/configure-credentials",
+                Route("instance-configure-credentials"),
                 "high",
             ),
         ),
@@ -119,12 +129,12 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ErrorCode.INSTANCE_DISABLED: CatalogEntry(
         409,
         "This {tool} instance is disabled. Activate it to run it again.",
-        actions=(Action("activate_instance", "Activate the instance", _INSTANCE + "/activate", "high"),),
+        actions=(Action("activate_instance", "Activate the instance", Route("instance-activate"), "high"),),
     ),
     ErrorCode.INSTANCE_ERROR: CatalogEntry(
         409,
         "This {tool} instance is in an error state and cannot run. Activate it again once the problem is fixed.",
-        actions=(Action("activate_instance", "Activate the instance", _INSTANCE + "/activate", "high"),),
+        actions=(Action("activate_instance", "Activate the instance", Route("instance-activate"), "high"),),
     ),
     ErrorCode.INSTANCE_DRAFT: CatalogEntry(
         409,
@@ -133,7 +143,7 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
             Action(
                 "fix_credential",
                 "Map the credentials this instance needs",
-                _INSTANCE + "/configure-credentials",
+                Route("instance-configure-credentials"),
                 "high",
             ),
         ),
@@ -162,7 +172,7 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
             Action(
                 "use_{other_mode}",
                 "Run it with execute-{other_mode} instead",
-                _INSTANCE + "/execute-{other_mode}",
+                Route("instance-run-execute-{other_mode}"),
                 "high",
             ),
         ),
@@ -193,7 +203,7 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
             Action(
                 "use_async",
                 "Run long work with execute-async, which has more time",
-                _INSTANCE + "/execute-async",
+                Route("instance-run-execute-async"),
                 "medium",
             ),
         ),
@@ -249,13 +259,26 @@ def absolute_url(path: str) -> str:
     return settings.TOOLEXEC_BASE_URL + path
 
 
+def _url(path: Route | str, params: dict[str, Any]) -> str:
+    """The action's absolute URL, or "" when it needs a param the error does not have."""
+    template = path.name if isinstance(path, Route) else path
+    needed = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    if isinstance(path, Route):
+        needed.append(path.pk)
+    if not all(params.get(name) for name in needed):
+        return ""
+    if not isinstance(path, Route):
+        return absolute_url(_format(path, params))
+    try:
+        return absolute_url(reverse(_format(path.name, params), kwargs={"pk": params[path.pk]}))
+    except NoReverseMatch:
+        return ""  # params that name no route (a mode that has none): the action, without a link
+
+
 def action_items(code: ErrorCode, params: dict[str, Any]) -> list[dict[str, str]]:
     items = []
     for action in CATALOG[code].actions:
-        path = action.path
-        # An action whose URL needs a parameter we do not have is given without a URL.
-        needed = [name for _, name, _, _ in string.Formatter().parse(path) if name]
-        url = absolute_url(_format(path, params)) if all(params.get(n) for n in needed) else ""
+        url = _url(action.path, params)
         item = {
             "action": _format(action.action, params),
             "message": _format(action.message, params),

@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.test import Client
+from django.urls import reverse
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.test import APIClient, APIRequestFactory
 from rest_framework.views import APIView
 
+from core.errors import ErrorCode, envelope
 from executions.models import Execution
 from instances.models import CreditAccount, ToolInstance
 from tools.models import ToolDefinition
@@ -628,3 +630,34 @@ def test_a_value_the_orm_refuses_answers_400_naming_the_field(db):
 
     body = assert_envelope(response, 400, "INPUT_INVALID")
     assert body["metadata"]["field_errors"] == {"instance": ["“0000” is not a valid UUID."]}
+
+
+# --- action items link to the API by route name ----------------------------------------
+
+
+def test_action_item_links_are_built_from_the_routes_they_name():
+    """The catalog names routes (core.errors.Route), not paths: a link follows the URLconf."""
+    instance_id = "6f1c2b3a-0000-4000-8000-000000000001"
+
+    body = envelope(ErrorCode.MODE_NOT_SUPPORTED, {"instance_id": instance_id, "other_mode": "async"})
+    activate = envelope(ErrorCode.INSTANCE_DISABLED, {"instance_id": instance_id})
+
+    assert body["metadata"]["action_items"][0]["url"] == (
+        f"{BASE_URL}{reverse('instance-run-execute-async', kwargs={'pk': instance_id})}"
+    )
+    assert activate["metadata"]["action_items"][0]["url"] == f"{BASE_URL}/api/v1/instances/{instance_id}/activate"
+
+
+def test_an_action_item_whose_params_name_no_route_comes_without_a_link():
+    body = envelope(
+        ErrorCode.MODE_NOT_SUPPORTED, {"instance_id": "6f1c2b3a-0000-4000-8000-000000000001", "other_mode": "batch"}
+    )
+
+    item = body["metadata"]["action_items"][0]
+    assert "url" not in item and item["message"]
+
+
+def test_an_action_item_without_the_instance_it_links_to_comes_without_a_link():
+    body = envelope(ErrorCode.INSTANCE_DISABLED, {})
+
+    assert [("url" in item) for item in body["metadata"]["action_items"]] == [False]
