@@ -310,10 +310,12 @@ def _command_output(*args: str) -> str:
 
 
 def machine() -> dict[str, str]:
+    import celery
     import django
     import gunicorn
     import psycopg2
     import redis
+    import rq
 
     stats = PgStats()
     with stats.server.cursor() as cursor:
@@ -338,4 +340,6 @@ def machine() -> dict[str, str]:
         "psycopg2": psycopg2.__version__.split()[0],
         "gunicorn": gunicorn.__version__,
         "wrk": wrk[0] if wrk else "?",
+        "rq": rq.__version__,
+        "celery": celery.__version__,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "queue-start": "bench.queue_start",
     "throughput": "bench.worker_throughput",
     "memory": "bench.worker_memory",
+    "cpu": "bench.platform_cpu",
     "history": "bench.history_scale",
 }
 # BENCH_DOC writes elsewhere (to develop a benchmark without touching the committed document)
@@ -49,6 +51,12 @@ def prepare() -> None:
     call_command("migrate", verbosity=0)  # post_migrate syncs the catalog, bench tools included
     with connection.cursor() as cursor:
         cursor.execute(TABLES_SQL + TABLE_SQL)
+    # The Celery peer's result tables (django-celery-results), with its own settings module.
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "django_celery_results", "--verbosity", "0", "--skip-checks"],
+        cwd=str(common.ROOT), env={**common.subprocess_env(), "DJANGO_SETTINGS_MODULE": "bench.celery_settings"},
+        check=True,
+    )  # fmt: skip
 
 
 def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], command: str, notes: list[str]) -> str:
@@ -64,7 +72,8 @@ def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], co
         f"- machine: nproc {info['nproc']} ({info['cpu']}); load generator, gunicorn, PostgreSQL and Redis "
         "share these cores",
         f"- versions: Python {info['python']}, Django {info['django']}, PostgreSQL {info['postgresql']}, "
-        f"Redis {info['redis']}, psycopg2 {info['psycopg2']}, gunicorn {info['gunicorn']}, {info['wrk']}",
+        f"Redis {info['redis']}, psycopg2 {info['psycopg2']}, gunicorn {info['gunicorn']}, {info['wrk']}, "
+        f"RQ {info['rq']}, Celery {info['celery']} (the benchmark's peer only)",
         "",
         "## Targets",
         "",
@@ -75,6 +84,11 @@ def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], co
     for lines, verdicts in sections:
         head += verdicts
         body += lines
+    head += [
+        "",
+        "Beside these, no other ratio in this document may get worse by more than 10% against the previous "
+        "committed run (issue 20): compare by hand, with the noise of a shared machine in mind.",
+    ]
     return "\n".join([*head, "", *body, *notes]).rstrip() + "\n"
 
 

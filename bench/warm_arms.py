@@ -1,0 +1,193 @@
+"""The warm arms of the worker benchmarks (3, 4, 8), beside bench/workers.py's forking ones:
+
+- *warm floor*: ``rq worker --worker-class bench.floor_warm.WarmFloorWorker`` (RQ's
+  ``SimpleWorker``, Django set up, no toolexec code) on ``bench-warm-floor``, running
+  ``bench.floor_warm.claimed_noop``: the claim and the outcome of a row of the bench's own, each a
+  committed UPDATE over the worker's one persistent connection;
+- *simple bare*: ``rq worker --worker-class rq.SimpleWorker`` (RQ's own CLI, no Django) on
+  ``bench-simple-bare``, running ``bench.bare_rq.noop``;
+- *celery*: the Celery peer (bench/celery_peer.py), a prefork pool of N processes.
+
+The RQ ones are driven exactly as bench/workers.py drives its own (``RQWorker``'s interface); the
+Celery one has the same methods where they mean something for it (no RQ state: it is held by
+cancelling its queue's consumer, Celery's remote control, instead of RQ's suspension).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from . import bare_rq, workers
+from .common import REDIS_URL, ROOT, subprocess_env
+
+SIMPLE_BARE_QUEUE = "bench-simple-bare"
+WARM_FLOOR_QUEUE = "bench-warm-floor"  # bench.floor_warm.QUEUE (not imported: it sets Django up)
+CELERY_QUEUE = "bench-celery"  # bench.celery_peer.QUEUE
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of every live process of the tree under ``pid``: all the
+    CPU the tree has used, its reaped children's included (a child that ended counts in its
+    parent's cutime once waited for), so a difference of two readings is what it spent between."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(value) for value in fields[11:15]) / workers.CLOCK_TICKS
+        with contextlib.suppress(FileNotFoundError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    pending += [int(child) for child in (task / "children").read_text().split()]
+    return total
+
+
+class WarmRQWorker(workers.RQWorker):
+    """One RQ worker process of a warm arm ("warm-floor" or "simple-bare"); no work-horse."""
+
+    def __init__(self, arm: str, *, burst: bool = False, env: dict[str, str] | None = None) -> None:  # noqa: PLW0231
+        worker_class, queue = {
+            "warm-floor": ("bench.floor_warm.WarmFloorWorker", WARM_FLOOR_QUEUE),
+            "simple-bare": ("rq.SimpleWorker", SIMPLE_BARE_QUEUE),
+        }[arm]
+        self.arm = arm
+        self.name = f"bench-{arm}-{uuid.uuid4().hex[:8]}"
+        command = [
+            sys.executable, "-m", "rq.cli", "worker", "--url", REDIS_URL, "--worker-class", worker_class,
+            "--with-scheduler", "--name", self.name, queue,
+        ]  # fmt: skip
+        if burst:
+            command.append("--burst")
+        # RQ's forking Worker names the worker in its horses' environment; SimpleWorker does not.
+        env = {**(env or {}), "RQ_WORKER_ID": self.name}
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{arm}-worker-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            command, cwd=str(ROOT), env={**subprocess_env(), **env}, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def tree_cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.pid)
+
+
+def simple_bare_enqueue(key: str, count: int = 1) -> list[str]:
+    from rq import Queue
+
+    queue = Queue(SIMPLE_BARE_QUEUE, connection=workers.redis_client())
+    return [queue.enqueue(bare_rq.noop, key).id for _ in range(count)]
+
+
+@cache
+def warm_floor_queue() -> Any:
+    from rq import Queue
+
+    return Queue(WARM_FLOOR_QUEUE, connection=workers.redis_client())
+
+
+def warm_floor_enqueue(key: str, count: int = 1) -> list[str]:
+    """``count`` QUEUED rows and their jobs of ``claimed_noop``; the RQ ids."""
+    from . import floor_warm
+
+    rows = floor_warm.rows_insert(count)
+    return [warm_floor_queue().enqueue(floor_warm.claimed_noop, key, row).id for row in rows]
+
+
+def rq_queue_empty(arm: str) -> None:
+    from rq import Queue
+
+    name = {"warm-floor": WARM_FLOOR_QUEUE, "simple-bare": SIMPLE_BARE_QUEUE}[arm]
+    Queue(name, connection=workers.redis_client()).empty()
+
+
+class CeleryWorker:
+    """The Celery peer's worker: one main process and a prefork pool of ``processes``."""
+
+    arm = "celery"
+
+    def __init__(self, processes: int = 1) -> None:
+        self.hostname = f"bench-celery-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
+        self.name = self.hostname
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-celery-worker-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "bench.celery_peer", "worker", "--pool", "prefork",
+                "--concurrency", str(processes), "-Q", CELERY_QUEUE, "--hostname", self.hostname,
+                "--loglevel", "WARNING",
+            ],
+            cwd=str(ROOT), env={**subprocess_env(), "DJANGO_SETTINGS_MODULE": "bench.celery_settings"},
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _control(self) -> Any:
+        from .celery_peer import app
+
+        return app.control
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the worker answers a ping (its pool started, consuming its queue)."""
+        deadline = time.monotonic() + timeout
+        while not self._control().ping(destination=[self.hostname], timeout=0.5):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the celery worker exited:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the celery worker did not answer:\n{self.output()}")
+
+    wait_idle = wait_ready
+
+    def hold(self) -> None:
+        """Stop consuming the queue (``celery control cancel_consumer``)."""
+        self._control().cancel_consumer(CELERY_QUEUE, destination=[self.hostname], reply=True, timeout=5)
+
+    def release(self) -> None:
+        self._control().add_consumer(CELERY_QUEUE, destination=[self.hostname], reply=True, timeout=5)
+
+    def tree_cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.pid)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(the main process's own CPU, its pool processes' and any reaped ones')."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = (int(fields[11]) + int(fields[12])) / workers.CLOCK_TICKS
+        return own, self.tree_cpu_seconds() - own
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM (Celery's warm shutdown), then whatever is left of the tree."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        children = [int(pid) for pid in out.split()]
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def celery_queue_empty() -> None:
+    from .celery_peer import app
+
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_purge(CELERY_QUEUE)
