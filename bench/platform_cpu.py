@@ -66,8 +66,8 @@ def machine_busy_seconds() -> float:
 def round_of(arm: str, client: Client, server: Gunicorn, worker: Any) -> dict[str, float]:
     worker.wait_idle()
     key = workers.records_key(f"cpu-{arm}")
-    web_before = warm_arms.tree_cpu_seconds(server.process.pid)
-    worker_before = warm_arms.tree_cpu_seconds(worker.pid)
+    web_before = workers.tree_cpu_seconds(server.process.pid)
+    worker_before = workers.tree_cpu_seconds(worker.pid)
     machine_before, started = machine_busy_seconds(), time.perf_counter()
     answers = [client.submit(key) for _ in range(JOBS)]
     workers.wait_records(key, JOBS)
@@ -78,8 +78,8 @@ def round_of(arm: str, client: Client, server: Gunicorn, worker: Any) -> dict[st
         time.sleep(0.05)
     worker.wait_idle()
     wall = time.perf_counter() - started
-    web = warm_arms.tree_cpu_seconds(server.process.pid) - web_before
-    work = warm_arms.tree_cpu_seconds(worker.pid) - worker_before
+    web = workers.tree_cpu_seconds(server.process.pid) - web_before
+    work = workers.tree_cpu_seconds(worker.pid) - worker_before
     machine = machine_busy_seconds() - machine_before
     workers.redis_client().delete(key)
     return {

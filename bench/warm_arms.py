@@ -35,26 +35,6 @@ WARM_FLOOR_QUEUE = "bench-warm-floor"  # bench.floor_warm.QUEUE (not imported: i
 CELERY_QUEUE = "bench-celery"  # bench.celery_peer.QUEUE
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime + cutime + cstime of every live process of the tree under ``pid``: all the
-    CPU the tree has used, its reaped children's included (a child that ended counts in its
-    parent's cutime once waited for), so a difference of two readings is what it spent between."""
-    total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += sum(int(value) for value in fields[11:15]) / workers.CLOCK_TICKS
-        with contextlib.suppress(FileNotFoundError):
-            for task in Path(f"/proc/{current}/task").iterdir():
-                with contextlib.suppress(FileNotFoundError):
-                    pending += [int(child) for child in (task / "children").read_text().split()]
-    return total
-
-
 class WarmRQWorker(workers.RQWorker):
     """One RQ worker process of a warm arm ("warm-floor" or "simple-bare"); no work-horse."""
 
@@ -79,7 +59,7 @@ class WarmRQWorker(workers.RQWorker):
         )
 
     def tree_cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.pid)
+        return workers.tree_cpu_seconds(self.pid)
 
 
 def simple_bare_enqueue(key: str, count: int = 1) -> list[str]:
@@ -158,7 +138,7 @@ class CeleryWorker:
         self._control().add_consumer(CELERY_QUEUE, destination=[self.hostname], reply=True, timeout=5)
 
     def tree_cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.pid)
+        return workers.tree_cpu_seconds(self.pid)
 
     def cpu_seconds(self) -> tuple[float, float]:
         """(the main process's own CPU, its pool processes' and any reaped ones')."""

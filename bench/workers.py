@@ -1,17 +1,18 @@
 """What the worker benchmarks (3, 4, 7) share: RQ worker processes of either arm, the
 first-line records their jobs write, and the fixtures of the product arm.
 
-- *product*: ``manage.py rqworker default --with-scheduler --worker-class
-  executions.worker.ToolexecWorker --skip-checks``, as the README starts it (bench settings, so the bench
-  tools exist), running ``executions.jobs.run`` for jobs accepted by the product;
+- *product*: ``manage.py toolexec_worker default --processes 1 --skip-checks``, as the README
+  starts it but with one job process (bench settings, so the bench tools exist): the
+  supervisor, its warm job process running ``executions.jobs.run`` for jobs accepted by the
+  product, and the scheduler;
 - *floor*: ``rq worker --worker-class bench.floor_rq.FloorWorker`` (RQ's ``Worker`` with one
   PostgreSQL connection lent to its horses, no Django) on ``bench-floor``, running
   ``bench.floor_rq.recorded_noop``: a claim and an outcome, each a committed UPDATE;
 - *bare*: ``rq worker --worker-class rq.Worker --with-scheduler`` (RQ's own CLI, no Django) on
   the queue ``bench-bare``, running ``bench.bare_rq.noop`` enqueued with ``Queue.enqueue``.
 
-``ToolexecWorker`` and ``FloorWorker`` are subclasses of ``rq.Worker``: every arm forks a
-work-horse per job.
+``FloorWorker`` is a subclass of ``rq.Worker``: the floor and bare arms fork a work-horse per
+job; the product's job process runs its jobs in itself.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import uuid
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from rq.worker import Worker
 
 from . import bare_rq, floor_rq
 from .common import REDIS_URL, ROOT, database_url, subprocess_env
@@ -53,9 +56,14 @@ class RQWorker:
         self.name = f"bench-{arm}-{uuid.uuid4().hex[:8]}"
         if arm == "product":
             command = [
-                sys.executable, "manage.py", "rqworker", PRODUCT_QUEUE, "--with-scheduler",
-                "--worker-class", "executions.worker.ToolexecWorker", "--skip-checks", "--name", self.name,
-            ]  # fmt: skip
+                sys.executable,
+                "manage.py",
+                "toolexec_worker",
+                PRODUCT_QUEUE,
+                "--processes",
+                "1",
+                "--skip-checks",
+            ]
         else:
             worker_class, queue = {
                 "floor": ("bench.floor_rq.FloorWorker", floor_rq.QUEUE),
@@ -78,6 +86,11 @@ class RQWorker:
         return self.process.pid
 
     def state(self) -> str | None:
+        if self.arm == "product":
+            # The supervisor registers nothing in RQ; its one job process does, under its own name.
+            children = set(self.children())
+            found = [worker for worker in Worker.all(connection=redis_client()) if worker.pid in children]
+            return found[0].get_state() if found else None
         value = redis_client().hget(f"rq:worker:{self.name}", "state")
         return value.decode() if value is not None else None
 
@@ -104,11 +117,12 @@ class RQWorker:
         return bare_rq.rss_kb(self.pid)
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time (user + system) of the worker process itself, and of its children it has
-        waited for (the work-horses that ended; the scheduler lives as long as the worker)."""
+        """CPU time (user + system) of the worker process itself, and of the rest of its tree:
+        its live children (a warm job process, the scheduler) and those it has waited for (the
+        work-horses that ended)."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        utime, stime, cutime, cstime = (int(value) / CLOCK_TICKS for value in fields[11:15])
-        return utime + stime, cutime + cstime
+        utime, stime = (int(value) / CLOCK_TICKS for value in fields[11:13])
+        return utime + stime, tree_cpu_seconds(self.pid) - (utime + stime)
 
     def children(self) -> list[int]:
         """The scheduler, and the work-horse while a job runs."""
@@ -132,6 +146,26 @@ class RQWorker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of every live process of the tree under ``pid``: all the
+    CPU the tree has used, its reaped children's included (a child that ended counts in its
+    parent's cutime once waited for), so a difference of two readings is what it spent between."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+        with contextlib.suppress(FileNotFoundError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    pending += [int(child) for child in (task / "children").read_text().split()]
+    return total
 
 
 def stop_all(workers: list[RQWorker]) -> None:

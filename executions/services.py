@@ -572,49 +572,14 @@ class JobProgress:
 Checked = tuple[type[Tool], dict[str, Any], Readiness]
 
 
-# What a worker's claim ahead of the fork found (job_claim_ahead), for the work-horse that
-# inherits it: {job id: (the claimed job or None for nothing to run, what checking it gave)}.
-# At most one entry.
-_claimed_ahead: dict[str, tuple[Job | None, Checked | Exception | None]] = {}
-
-
-def job_claim_ahead(*, job_id: str, worker_name: str) -> None:
-    """In a worker, before it forks the work-horse that will run the job: claim it and check it
-    (``_job_check``: readiness, the inputs unsealed) here, where the code is warm, on the
-    connection the horse is lent. The horse inherits both and goes on from there (``job_run``).
-    Done in a freshly forked horse, the same work copied page after page (benchmark 4: the
-    claim 44.6 → 41.7 ms a job; the check, docs/benchmarks.md).
-
-    What the check raises is kept for the horse to raise, so a job is refused or failed just as
-    if the horse had checked it. A claim that raises keeps nothing: the horse claims then."""
-    _claimed_ahead.clear()
-    job = job_claim(job_id=job_id, worker_name=worker_name)
-    checked: Checked | Exception | None = None
-    if job is not None:
-        try:
-            checked = _job_check(job)
-        except Exception as exc:  # noqa: BLE001 - the horse's to raise, where job_run handles it
-            checked = exc
-    _claimed_ahead[job_id] = (job, checked)
-
-
-def job_claims_forget() -> None:
-    """In the worker, once its horse has ended: the claim was the horse's to run (and the
-    inputs it unsealed are not kept)."""
-    _claimed_ahead.clear()
-
-
 def job_run(*, job_id: str, worker_name: str = "") -> None:
-    """The worker's side of an async run: claim and check the job (unless the worker forking
-    this process did: ``job_claim_ahead``), run the tool, record the outcome once.
+    """The worker's side of an async run: claim and check the job, run the tool, record the
+    outcome once.
 
     A job that is gone, already claimed, cancelled or finished is left alone (a duplicate
     delivery runs nothing). An owner already running their share waits for a later turn.
     """
-    if job_id in _claimed_ahead:
-        job, checked = _claimed_ahead.pop(job_id)
-    else:
-        job, checked = job_claim(job_id=job_id, worker_name=worker_name), None
+    job = job_claim(job_id=job_id, worker_name=worker_name)
     if job is None:
         return
     execution, definition = job.execution, job.execution.tool
@@ -622,7 +587,7 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     account = getattr(job.owner, "credit_account", None)
     started = time.monotonic()
     try:
-        tool_class, inputs, readiness = _job_check(job) if checked is None else _raised_or(checked)
+        tool_class, inputs, readiness = _job_check(job)
         tool, resolved = tool_class(), credentials_resolve(credentials=readiness.credentials)
     except RefusedAtStart as refused:
         _job_end(job, Outcome(Execution.Status.FAILED, error=refused.body), 0, account)
@@ -658,6 +623,10 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
             _cancel_death_penalty()
         last_report = ctx.progress_sink.take()  # type: ignore[union-attr]
         outcome = _outcome_of(result, ctx, tool, params, resolved)
+        # A failure's traceback holds the tool's frames (inputs, credentials), and this frame,
+        # which holds the failure: a cycle the garbage collector would free at some later time.
+        # The worker process goes on to other owners' jobs, so it is broken now.
+        result = None
     duration_ms = int((time.monotonic() - started) * 1000)
     code = (outcome.error or {}).get("error_code")
     if code in tool.retry_on and job.attempts < job.max_attempts:
@@ -733,12 +702,6 @@ def _job_check(job: Job) -> Checked:
         raise RefusedAtStart(readiness.refusal()[1])
     inputs = unseal(job.sealed_inputs, row_id=str(job.pk), owner_id=job.owner_id)
     return tool_class, inputs, readiness
-
-
-def _raised_or(checked: Checked | Exception) -> Checked:
-    if isinstance(checked, Exception):
-        raise checked
-    return checked
 
 
 def _job_end(
@@ -923,12 +886,12 @@ def job_lost(*, job: Job, reason: str) -> bool:
 
 
 def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
-    """Keeps job states honest; run by every worker each maintenance interval (between jobs, and
-    while idle) and at every heartbeat while it watches a job.
+    """Keeps job states honest; run by every worker's supervisor at every heartbeat while its
+    processes run jobs, and each maintenance interval while they are idle.
 
     - RUNNING jobs whose heartbeat is older than TOOLEXEC_JOB_STALE_SECONDS lost their worker;
     - RUNNING jobs cancelled more than TOOLEXEC_CANCEL_GRACE_SECONDS ago that did not stop
-      by themselves are ended CANCELLED and their work-horse stopped;
+      by themselves are ended CANCELLED and the process running them stopped;
     - QUEUED jobs that Redis lost are queued again (jobs_requeue_lost).
     """
     now = now or timezone.now()
@@ -1076,7 +1039,7 @@ def _rq_forget(rq_job_id: str) -> None:
 
 
 def job_stop(*, job: Job) -> bool:
-    """End a running job CANCELLED now and stop its work-horse (it did not stop by itself)."""
+    """End a running job CANCELLED now and stop the process running it (it did not stop by itself)."""
     params = {"tool": job.execution.tool.name, "instance_id": str(job.instance_id or "")}
     cancelled = Outcome(Execution.Status.CANCELLED, error=envelope(ErrorCode.CANCELLED, params))
     duration = int((timezone.now() - job.started_at).total_seconds() * 1000) if job.started_at else 0
@@ -1086,18 +1049,35 @@ def job_stop(*, job: Job) -> bool:
     try:
         send_stop_job_command(events.redis(), job.rq_job_id)
     except (NoSuchJobError, InvalidJobOperation, RedisError):
-        pass  # the horse is already gone
+        pass  # the process is already done with it
     events.publish(str(job.pk), job_state(job_id=str(job.pk)))
     return True
 
 
-def job_heartbeat(*, rq_job_id: str) -> None:
-    """The worker process watching a job's work-horse reports it alive."""
+def jobs_heartbeat(*, job_ids: list[str]) -> dict[str, str]:
+    """The worker's supervisor reports the jobs its processes run alive. Returns each one's
+    status, so it can stop a process still running a job that was cancelled meanwhile."""
     now = timezone.now()
-    Job.objects.filter(rq_job_id=rq_job_id, status=Job.Status.RUNNING).update(heartbeat_at=now)
+    jobs = Job.objects.filter(pk__in=job_ids)
+    jobs.filter(status=Job.Status.RUNNING).update(heartbeat_at=now)
+    return {str(pk): status for pk, status in jobs.values_list("pk", "status")}
 
 
-def job_horse_lost(*, rq_job_id: str, reason: str) -> None:
+def job_timed_out(*, rq_job_id: str) -> None:
+    """A RUNNING job whose tool ran past its timeout in a process that could not be interrupted
+    (its supervisor killed the process): TIMED_OUT, as if the tool had been stopped at its limit."""
+    job = Job.objects.select_related(*JOB_TO_RUN).filter(rq_job_id=rq_job_id, status=Job.Status.RUNNING).first()
+    if job is None:
+        return
+    definition = job.execution.tool
+    params = {"tool": definition.name, "instance_id": str(job.instance_id or "")}
+    error = ToolTimeout(seconds=definition.timeout_seconds).envelope(params)
+    duration = int((timezone.now() - job.started_at).total_seconds() * 1000) if job.started_at else 0
+    account = getattr(job.owner, "credit_account", None)
+    _job_end(job, Outcome(Execution.Status.TIMED_OUT, error=error), duration, account)
+
+
+def job_process_lost(*, rq_job_id: str, reason: str) -> None:
     job = Job.objects.select_related("execution__tool").filter(rq_job_id=rq_job_id, status=Job.Status.RUNNING).first()
     if job is not None:
         job_lost(job=job, reason=reason)

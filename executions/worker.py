@@ -1,296 +1,424 @@
-"""The RQ worker class toolexec runs (`manage.py rqworker --worker-class executions.worker.ToolexecWorker`).
+"""toolexec's warm worker (`manage.py toolexec_worker`): a supervisor and the processes it runs.
 
-RQ's forking worker, with three additions so no job state lies:
+Celery's prefork-pool model, on RQ. The supervisor forks TOOLEXEC_WORKER_PROCESSES job
+processes and one scheduler process, then watches them; it never runs a job itself.
 
-- the process watching a work-horse reports the job alive every TOOLEXEC_JOB_HEARTBEAT_SECONDS;
-- when a work-horse dies (SIGKILL, out of memory), its job ends at once (WORKER_LOST, or a
-  retry where the tool allows one): RQ itself calls no failure callback then;
-- the reaper, which ends jobs whose worker vanished altogether and enforces overdue
-  cancellations, runs between jobs, every maintenance interval while idle, and at every
-  heartbeat while this worker watches a job (so a busy worker still reaps, and stops a
-  cancelled job that never checks), and queues again the jobs Redis lost. It is three indexed
-  queries, and a Redis pipeline when a queued job is older than TOOLEXEC_QUEUE_RECOVERY_SECONDS.
-
-and five so a work-horse starts quickly (docs/benchmarks.md, benchmarks 3 and 4):
-
-- the worker keeps one PostgreSQL connection open, *lends* it to each work-horse it forks and
-  takes it back when the horse reports that it left the connection idle. A horse would
-  otherwise open its own connection per job: a new server process, whose catalog caches are
-  cold for every table the job touches. While a horse has the connection, this process does
-  not use it (heartbeats open a connection of their own, closed once the horse is done); a
-  horse that did not hand it back (killed, timed out, failed mid-transaction) leaves a
-  connection in an unknown state, which this process closes without a word to the server;
-- it lends a Redis connection the same way, a second one beside its own (which it goes on
-  using for heartbeats while the horse runs). redis-py's pool starts empty after fork(), so
-  a horse's first command would otherwise connect and greet the server (two more round
-  trips): in a freshly forked process that first command took 4.0 ms, and 1.6 ms on a
-  connection it is given. A horse that does not hand it back (killed, or left it busy or
-  disconnected) takes it with it: this process disconnects its copy;
-- the worker claims and checks each job before it forks the horse (``job_claim_ahead``), on
-  the session it then lends: the horse inherits the claimed job with its related rows, its
-  readiness and its unsealed inputs. Built in the horse, those cost a freshly forked process
-  3 ms of copied pages. If the claim fails here, the horse claims the job itself, as it always
-  could; what the check raises, the horse raises;
-- what the worker has built by the time it starts working (Django, the app, the catalog) is
-  frozen out of the garbage collector's sight, so a collection in a horse does not walk, and
-  copy page by page, the parent's whole heap;
-- what every horse would otherwise do for itself the first time is done once here, before the
-  first fork (``crypto_prepare``): the ciphers that open a job's sealed inputs are set up
-  (OpenSSL looks them up on first use, 3 ms); and redis-py's name and version for its connection
-  greeting are read once (it reads them from the installed package's metadata for every new
-  connection, and a horse's first Redis command opens one).
+- A job process is an RQ ``SimpleWorker`` (``ToolexecWorker``): it runs job after job in
+  itself, on one persistent database connection and one Redis client, with no fork per job.
+  It tells the supervisor, over a pipe, which job it starts and when it is done with it.
+  After TOOLEXEC_WORKER_MAX_JOBS jobs, or once its RSS is above TOOLEXEC_WORKER_MAX_RSS_MB
+  after a job, it exits and the supervisor starts a fresh one.
+- Heartbeats come from the supervisor, which runs no tool code: a tool can block its own
+  process's threads (C code that holds the GIL), never the supervisor. Every
+  TOOLEXEC_JOB_HEARTBEAT_SECONDS it marks the jobs its processes run alive, and runs the
+  reaper (``jobs_reap``), which ends jobs whose worker vanished elsewhere and stops overdue
+  cancellations; while idle it runs the reaper every maintenance interval.
+- A hard timeout is RQ's: SIGALRM at the job's timeout raises in the tool (``time.sleep``, a
+  socket read, a regular expression are all interrupted). A process still on a job a second
+  after its timeout could not be interrupted: the supervisor SIGKILLs it, records the job
+  TIMED_OUT and starts another.
+- Cancelling a tool that never checks: at TOOLEXEC_CANCEL_GRACE_SECONDS the reaper ends the
+  job CANCELLED and sends RQ's stop-job command; the job process receives it on its pubsub
+  thread and interrupts the tool in its main thread (a signal). A process still on that job
+  at the next round is SIGKILLed and replaced.
+- A job process that dies (SIGKILL, out of memory) has its job ended at once (WORKER_LOST, or
+  retried where the tool allows), and is replaced. If the supervisor itself dies, its job
+  processes are killed with it (PR_SET_PDEATHSIG) and their jobs, no longer beating, are ended
+  by another worker's reaper, or by a read of the job, after TOOLEXEC_JOB_STALE_SECONDS.
+- SIGTERM (or SIGINT) to the supervisor: each job process finishes its current job and takes no
+  new one (RQ's warm shutdown), then the supervisor exits. A second one is a cold shutdown.
 
 Job descriptions are not logged: the log carries job ids only.
 """
 
 from __future__ import annotations
 
-import gc
+import contextlib
+import ctypes
+import errno
 import logging
-import mmap
 import os
+import resource
+import selectors
+import signal
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
+import django_rq
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
-from redis.connection import ConnectionPool
-from redis.driver_info import DriverInfo
-from redis.exceptions import RedisError
+from django.db import close_old_connections, connections
+from rq.command import parse_payload
+from rq.exceptions import StopRequested
 from rq.job import Job as RQJob
 from rq.queue import Queue
-from rq.worker import Worker
+from rq.scheduler import RQScheduler
+from rq.worker import SimpleWorker
 
-from instances.crypto import crypto_prepare
-
-from . import jobs  # noqa: F401 - the jobs' entry points, imported once here rather than by every work-horse
-from .services import (
-    RUN,
-    job_claim_ahead,
-    job_claims_forget,
-    job_heartbeat,
-    job_horse_lost,
-    jobs_reap,
-)
+from . import jobs  # noqa: F401 - the jobs' entry points, imported once by the supervisor for every process
+from .models import Job
+from .services import RUN, job_process_lost, job_timed_out, jobs_heartbeat, jobs_reap
 
 logger = logging.getLogger(__name__)
 
-HANDED_BACK = 1  # what a work-horse writes in a shared byte when it leaves a lent connection idle
-DATABASE, REDIS = 0, 1  # which byte: the lent PostgreSQL connection's, the lent Redis connection's
-HANDED_BACK_FRESH_SECONDS = 1.0  # a connection seen to work this recently is lent unchecked
+TICK_SECONDS = 0.25  # how often the supervisor looks at its processes and their pipes
+TIMEOUT_KILL_GRACE_SECONDS = 1.0  # past its timeout, how long a job process has to end the job itself
+RESTART_PAUSE_SECONDS = 1.0  # after a process failed, before starting another (Redis down, say)
+STOP_SIGNAL = signal.SIGUSR1  # the job process's own signal to interrupt the tool it runs
 
 
-class ToolexecWorker(Worker):
+class JobStopped(BaseException):
+    """Raised in a job process's main thread to stop a tool that was cancelled and never
+    checked (RQ's stop-job command). A BaseException, so a tool's ``except Exception`` does
+    not swallow it."""
+
+
+class ToolexecWorker(SimpleWorker):
+    """One job process of the supervisor: RQ's ``SimpleWorker``, running each job in this
+    process, reporting what it runs to the supervisor through ``report``."""
+
     log_job_description = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("job_monitoring_interval", settings.TOOLEXEC_JOB_HEARTBEAT_SECONDS)
-        kwargs.setdefault("maintenance_interval", settings.TOOLEXEC_JOB_STALE_SECONDS // 2 or 1)
+    def __init__(self, *args: Any, report: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         kwargs["log_job_description"] = False
         super().__init__(*args, **kwargs)
-        self.connection.connection_pool.connection_kwargs.setdefault("driver_info", DriverInfo())
-        # A byte per lent connection, shared with every work-horse (an anonymous shared
-        # mapping outlives fork()).
-        self._handback = mmap.mmap(-1, 2)
-        self._lent: Any = None  # the driver connection the current horse was forked with
-        self._lent_close_at: float | None = None
-        self._vouched_at = float("-inf")  # when the connection to lend was last seen to work
-        self._redis_spare: Any = None  # the Redis connection lent to every horse
-        self._redis_lent_socket: Any = None  # its socket when the current horse was forked
-
-    @property
-    def dequeue_timeout(self) -> int:
-        # Wake up while idle often enough to run maintenance (the reaper) on time.
-        return max(1, min(super().dequeue_timeout, self.maintenance_interval))
+        self.report = report or (lambda line: None)
+        self.job_in_hand: str | None = None  # the RQ job id whose code runs in this process now
+        self.job_to_stop: str | None = None  # the RQ job id RQ's stop-job command named
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
-        crypto_prepare()
-        # Once, not before every fork: what this process allocates later stays collectable.
-        gc.collect()
-        gc.freeze()
-
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-        # Connect while idle, so the next job's horse finds its connections ready.
-        self._database_ready()
-        self._redis_ready()
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        signal.signal(STOP_SIGNAL, self.stop_job_in_hand)
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
-        for other in connections.all(initialized_only=True):
-            if other.alias != DEFAULT_DB_ALIAS or other.vendor != "postgresql":
-                other.close()  # a horse inherits no other database socket
-        self._database_ready()  # again: it may have died while this worker waited for the job
-        self._redis_ready()
-        self._claim_ahead(job)
-        database = connections[DEFAULT_DB_ALIAS]
-        self._lent, self._lent_close_at = database.connection, database.close_at
-        self._redis_lent_socket = self._redis_spare._sock  # (redis-py keeps it private)
-        self._handback[DATABASE] = self._handback[REDIS] = 0
+        timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
+        toolexec_job = job.args[0] if job.func_name == RUN and job.args else "-"
+        self.report(f"start {job.id} {timeout} {toolexec_job}")
+        self.job_in_hand = job.id
         try:
             super().execute_job(job, queue)
         finally:
-            job_claims_forget()
-            self._database_return()
-            self._redis_return()
+            self.job_in_hand = self.job_to_stop = None
+            # As at the end of a request: a connection that errored or aged is not kept.
+            close_old_connections()
+            self.report(f"end {job.id}")
+        rss_mb = resident_mb()
+        if rss_mb > settings.TOOLEXEC_WORKER_MAX_RSS_MB:
+            self.log.info(
+                "Worker %s: %d MB resident after job %s; making way for a new process", self.name, rss_mb, job.id
+            )
+            raise StopRequested()
 
-    def fork_work_horse(self, job: RQJob, queue: Queue) -> None:
-        super().fork_work_horse(job, queue)
-        # Only this process gets here (the horse ends in os._exit()): the connection is the
-        # horse's until it ends. Forgotten, not closed: closing would end the horse's session.
-        connections[DEFAULT_DB_ALIAS].connection = None
+    def handle_payload(self, message: Any) -> None:
+        """RQ's commands, received on the pubsub thread. Stop-job: the job runs in this process,
+        so interrupt it in the main thread (the signal handler raises there only if it is still
+        that job)."""
+        payload = parse_payload(message)
+        if payload.get("command") != "stop-job":
+            super().handle_payload(message)
+            return
+        self.job_to_stop = payload.get("job_id")
+        if self.job_to_stop is not None and self.job_to_stop == self.job_in_hand:
+            os.kill(os.getpid(), STOP_SIGNAL)
 
-    def main_work_horse(self, job: RQJob, queue: Queue) -> None:
-        # The connection lent was checked by this worker, or seen to work a moment ago
-        # (_database_ready): the horse, whose entry point closes old connections as a request
-        # would, does not check it again.
-        connections[DEFAULT_DB_ALIAS].health_check_enabled = False  # (a connection it opens itself resets it)
-        if self._redis_spare is not None:
-            _redis_adopt(self.connection.connection_pool, self._redis_spare)
-        super().main_work_horse(job, queue)
+    def stop_job_in_hand(self, signum: int, frame: Any) -> None:
+        if self.job_in_hand is not None and self.job_in_hand == self.job_to_stop:
+            raise JobStopped(f"job {self.job_in_hand} was stopped")
 
-    def perform_job(self, job: RQJob, queue: Queue) -> bool:
+
+def resident_mb() -> int:
+    """This process's resident memory now, in MB (the peak where /proc is not available)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when the process that forked it dies
+    (Linux's PR_SET_PDEATHSIG); elsewhere, a thread that watches the parent's pid."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, sig, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1)
+            os.kill(os.getpid(), sig)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # it died before the kernel was told
+        os.kill(os.getpid(), sig)
+
+
+@dataclass
+class JobProcess:
+    """What the supervisor knows of one of its processes."""
+
+    pid: int
+    pipe: int  # read end: the process's reports, one line each
+    scheduler: bool = False
+    jobs_done: int = 0
+    job: str | None = None  # the RQ job id it runs
+    toolexec_job: str | None = None  # the id of the Job row, if it is a toolexec run (executions.jobs.run)
+    timeout: float = 0
+    since: float = 0.0  # monotonic time it started the job
+    cancel_seen: bool = False  # its job was seen CANCELLED while the process still ran it
+    buffer: bytes = field(default=b"", repr=False)
+
+
+class WorkerSupervisor:
+    """Runs ``processes`` job processes on ``queues`` (and an RQ scheduler process), replaces
+    any that ends, and watches the jobs they run (module docstring)."""
+
+    def __init__(self, queues: Sequence[str], *, processes: int, with_scheduler: bool = True) -> None:
+        self.queues = list(queues)
+        self.processes = processes
+        self.with_scheduler = with_scheduler
+        self.children: dict[int, JobProcess] = {}
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.stop_signals = 0
+        self.next_round = 0.0
+        self.next_idle_reap = 0.0
+        self.start_not_before = 0.0
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        logger.info(
+            "Supervisor %d: %d job processes on %s, at most %d jobs or %d MB each",
+            os.getpid(),
+            self.processes,
+            ",".join(self.queues),
+            settings.TOOLEXEC_WORKER_MAX_JOBS,
+            settings.TOOLEXEC_WORKER_MAX_RSS_MB,
+        )
         try:
-            return super().perform_job(job, queue)
+            while True:
+                if not self.stopping:
+                    self.start_missing()
+                self.read_reports(TICK_SECONDS)
+                self.reap_children()
+                if self.stopping and not self.children:
+                    break
+                self.enforce_timeouts()
+                self.maintain()
         finally:
-            if self.is_horse and self._lent is not None and _connection_idle(DEFAULT_DB_ALIAS, self._lent):
-                self._handback[DATABASE] = HANDED_BACK
-            pool, socket = self.connection.connection_pool, self._redis_lent_socket
-            if self.is_horse and socket is not None and _redis_idle(pool, self._redis_spare, socket):
-                self._handback[REDIS] = HANDED_BACK
+            connections.close_all()
+        logger.info("Supervisor %d: all job processes have ended", os.getpid())
 
-    def maintain_heartbeats(self, job: RQJob) -> None:
-        super().maintain_heartbeats(job)
-        try:
-            job_heartbeat(rq_job_id=job.id)
-            jobs_reap()
-        except Exception:
-            # Watching the horse must go on; the next beat tries again.
-            logger.exception("Heartbeat or reaping failed while watching job %s", job.id)
+    # --- processes ----------------------------------------------------------------------
 
-    def handle_work_horse_killed(self, job: RQJob, retpid: int, ret_val: int, rusage: Any) -> None:
-        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        try:
-            job_horse_lost(rq_job_id=job.id, reason=f"work-horse {retpid} ended with status {ret_val}")
-        except Exception:
-            # The reaper ends the job once its heartbeat is stale; the worker itself must live on.
-            logger.exception("Could not record the loss of job %s", job.id)
-
-    def run_maintenance_tasks(self) -> None:
-        # RQ may fork its scheduler again here: no database socket may go with it.
-        connections.close_all()
-        super().run_maintenance_tasks()
-        jobs_reap()
-
-    def _claim_ahead(self, job: RQJob) -> None:
-        """Claim and check a toolexec job before forking its horse (``job_claim_ahead``), on
-        the session the horse is lent (PostgreSQL only: an SQLite connection must not cross
-        fork(), so there the horse claims). If the claim fails, the horse claims the job, as it
-        would anyway."""
-        if job.func_name != RUN or connections[DEFAULT_DB_ALIAS].vendor != "postgresql":
+    def start_missing(self) -> None:
+        if time.monotonic() < self.start_not_before:
             return
+        if self.with_scheduler and not any(child.scheduler for child in self.children.values()):
+            self.fork(scheduler=True)
+        while sum(not child.scheduler for child in self.children.values()) < self.processes:
+            self.fork(scheduler=False)
+
+    def fork(self, *, scheduler: bool) -> None:
+        connections.close_all()  # no database socket may be shared with a child
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            if scheduler:
+                run_scheduler(self.queues)
+            run_job_process(self.queues, write_end)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.children[pid] = JobProcess(pid=pid, pipe=read_end, scheduler=scheduler)
+        self.selector.register(read_end, selectors.EVENT_READ, pid)
+
+    def read_reports(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            child = self.children.get(key.data)
+            if child is not None:
+                self.read_pipe(child)
+
+    def read_pipe(self, child: JobProcess) -> None:
+        while True:
+            try:
+                chunk = os.read(child.pipe, 4096)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if not chunk:
+                self.selector.unregister(child.pipe)
+                os.close(child.pipe)
+                child.pipe = -1
+                return
+            child.buffer += chunk
+            *lines, child.buffer = child.buffer.split(b"\n")
+            for line in lines:
+                self.on_report(child, line.decode().split())
+
+    def on_report(self, child: JobProcess, words: list[str]) -> None:
+        if words[:1] == ["start"] and len(words) == 4:
+            child.job, child.timeout = words[1], float(words[2])
+            child.toolexec_job = words[3] if words[3] != "-" else None
+            child.since, child.cancel_seen = time.monotonic(), False
+        elif words[:1] == ["end"]:
+            child.job, child.toolexec_job, child.jobs_done = None, None, child.jobs_done + 1
+
+    def reap_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.pipe >= 0:
+                self.read_pipe(child)  # a last report it wrote before it ended
+                if child.pipe >= 0:
+                    self.selector.unregister(child.pipe)
+                    os.close(child.pipe)
+            self.on_child_ended(child, status)
+
+    def on_child_ended(self, child: JobProcess, status: int) -> None:
+        kind = "scheduler" if child.scheduler else "job process"
+        if status != 0:
+            self.start_not_before = time.monotonic() + RESTART_PAUSE_SECONDS
+        if child.job is None:
+            log = logger.info if status == 0 or self.stopping else logger.warning
+            log("Supervisor: %s %d ended (status %d) after %d jobs", kind, child.pid, status, child.jobs_done)
+            return
+        reason = f"job process {child.pid} ended with status {status}"
+        logger.warning("Supervisor: %s while running job %s", reason, child.job)
         try:
-            job_claim_ahead(job_id=job.args[0], worker_name=self.name)
+            job_process_lost(rq_job_id=child.job, reason=reason)
         except Exception:
-            logger.exception("Could not claim job %s before forking; its work-horse will", job.id)
+            # The reaper ends the job once its heartbeat is stale; the supervisor must live on.
+            logger.exception("Could not record the loss of job %s", child.job)
 
-    def _database_ready(self) -> None:
-        """An open, young, working connection to lend to the next horse (PostgreSQL only: an
-        SQLite connection must not cross fork()). A database that does not answer now is the
-        horse's to find out: it connects by itself and records the failure.
+    def kill(self, child: JobProcess) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child.pid, 0)
+        self.children.pop(child.pid, None)
+        if child.pipe >= 0:
+            self.selector.unregister(child.pipe)
+            os.close(child.pipe)
+            child.pipe = -1
 
-        Working: seen to answer a health check (CONN_HEALTH_CHECKS) here, unless a horse handed
-        it back, or it was checked, less than HANDED_BACK_FRESH_SECONDS ago. The horse does not
-        check it again: that would be a round trip per job."""
-        database = connections[DEFAULT_DB_ALIAS]
-        if database.vendor != "postgresql":
-            database.close()
-            return
-        database.close_if_unusable_or_obsolete()  # errors, age
-        fresh = database.connection is not None and time.monotonic() - self._vouched_at <= HANDED_BACK_FRESH_SECONDS
-        database.health_check_done = fresh
-        try:
-            database.close_if_health_check_failed()
-            database.ensure_connection()
-        except DatabaseError:
-            logger.warning("No database connection to lend to the next work-horse", exc_info=True)
-        else:
-            self._vouched_at = self._vouched_at if fresh else time.monotonic()
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """Warm shutdown: every process finishes its job and ends. A second signal: cold."""
+        self.stopping = True
+        self.stop_signals += 1
+        logger.info("Supervisor: %s shutdown requested", "warm" if self.stop_signals == 1 else "cold")
+        for child in list(self.children.values()):
+            with contextlib.suppress(ProcessLookupError):
+                if self.stop_signals == 1 or child.scheduler:
+                    os.kill(child.pid, signal.SIGTERM)
+                else:
+                    os.kill(child.pid, signal.SIGKILL)
 
-    def _database_return(self) -> None:
-        """After a horse: take the lent connection back if the horse handed it back idle, else
-        drop this process's copy of it."""
-        database = connections[DEFAULT_DB_ALIAS]
-        lent, self._lent = self._lent, None
-        if lent is None or database.connection is lent:
-            return  # nothing was lent, or the fork failed and it never left
-        database.close()  # the connection this process opened meanwhile (heartbeats), if any
-        if self._handback[DATABASE] != HANDED_BACK:
-            _connection_forget(lent)
-            return
-        # Its state here is as it was at fork(), and the horse left the session that way: idle.
-        database.connection = lent
-        database.close_at = self._lent_close_at
-        database.in_atomic_block = database.needs_rollback = database.closed_in_transaction = False
-        database.savepoint_ids, database.atomic_blocks = [], []
-        database.errors_occurred = False
-        database.health_check_done = False
-        self._vouched_at = time.monotonic()  # its last statement, the horse's, just worked
+    # --- the jobs -------------------------------------------------------------------------
 
-    def _redis_ready(self) -> None:
-        """A connected Redis connection to lend to the next horse, made by the worker's own pool
-        (same server, options and greeting) but kept out of it, so this process never uses it.
-        One that fails to connect now is lent unconnected: the horse connects it, as it would
-        have connected a connection of its own. One that the server closed meanwhile is
-        noticed by the horse's pool before its first command (it reads the socket) and
-        reconnected."""
-        if self._redis_spare is None:
-            self._redis_spare = self.connection.connection_pool.make_connection()
-        try:
-            self._redis_spare.connect()  # nothing to do while connected
-        except (RedisError, OSError):
-            logger.warning("No Redis connection to lend to the next work-horse", exc_info=True)
+    def enforce_timeouts(self) -> None:
+        """A process still on a job past its timeout (and the grace to end it itself) could not
+        be interrupted: it is killed, and the job recorded TIMED_OUT."""
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            if child.job is None or child.timeout <= 0:
+                continue
+            if now - child.since < child.timeout + TIMEOUT_KILL_GRACE_SECONDS:
+                continue
+            job = child.job
+            logger.warning(
+                "Supervisor: job %s ran past its %g s timeout uninterrupted; killing %d", job, child.timeout, child.pid
+            )
+            self.kill(child)
+            try:
+                job_timed_out(rq_job_id=job)
+            except Exception:
+                logger.exception("Could not record the timeout of job %s", job)
 
-    def _redis_return(self) -> None:
-        """After a horse: keep the lent Redis connection if the horse handed it back idle;
-        else drop it (the horse has ended: nothing else uses the socket)."""
-        if self._redis_spare is not None and self._handback[REDIS] != HANDED_BACK:
-            self._redis_spare.disconnect()
-
-
-def _redis_adopt(pool: ConnectionPool, lent: Any) -> None:
-    """In a work-horse: the pool, emptied as its first use after fork() would empty it, with
-    the lent connection as its one idle connection. (redis-py has no public way to hand a pool
-    a connection; tests/test_worker_budget.py holds that a horse uses the lent one.)"""
-    pool.reset()
-    lent.pid = os.getpid()
-    pool._available_connections.append(lent)
-    pool._created_connections += 1
-
-
-def _redis_idle(pool: ConnectionPool, lent: Any, socket: Any) -> bool:
-    """Whether the horse leaves the lent Redis connection as it got it: back in the pool, on
-    the socket it was lent. Not so if the horse still holds it, or if it was disconnected: an
-    error while reading a reply disconnects it (redis-py), so no reply is left unread on it;
-    and one the horse connected anew ends with the horse, while the worker holds the old one."""
-    return lent in pool._available_connections and lent._sock is socket
+    def maintain(self) -> None:
+        """Every heartbeat interval while jobs run: beat for them, reap, and kill the processes
+        still running a job that was cancelled (one they could not interrupt). While idle: reap
+        every maintenance interval."""
+        now = time.monotonic()
+        busy = {child.toolexec_job: child for child in self.children.values() if child.toolexec_job is not None}
+        if busy and now >= self.next_round:
+            self.next_round = now + settings.TOOLEXEC_JOB_HEARTBEAT_SECONDS
+            try:
+                statuses = jobs_heartbeat(job_ids=list(busy))
+                jobs_reap()
+            except Exception:
+                # Watching the processes must go on; the next round tries again.
+                logger.exception("Heartbeat or reaping failed")
+                return
+            for job_id, child in busy.items():
+                if statuses.get(job_id) != Job.Status.CANCELLED or child.toolexec_job != job_id:
+                    continue
+                if child.cancel_seen:
+                    logger.warning(
+                        "Supervisor: job %s was cancelled but process %d still runs it; killing it", job_id, child.pid
+                    )
+                    self.kill(child)
+                else:
+                    child.cancel_seen = True  # RQ's stop-job command may be on its way: look again next round
+        elif not busy and now >= self.next_idle_reap:
+            self.next_idle_reap = now + max(1, settings.TOOLEXEC_JOB_STALE_SECONDS // 2)
+            try:
+                jobs_reap()
+            except Exception:
+                logger.exception("Reaping failed")
+            connections.close_all()  # idle: hold no connection until the next round
 
 
-def _connection_idle(alias: str, raw: Any) -> bool:
-    """Whether the horse leaves the lent connection as it got it: the same one, open, no
-    transaction, no error since its last commit."""
-    database = connections[alias]
-    if database.connection is not raw or database.in_atomic_block or database.errors_occurred:
-        return False
-    return not raw.closed and raw.info.transaction_status == 0  # idle: psycopg2 and psycopg 3 alike
+def run_job_process(queues: Sequence[str], report_fd: int) -> NoReturn:
+    """A forked job process: RQ's work loop until it has done its jobs, is told to stop, or
+    its RSS grows too large. Never returns."""
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        die_with_parent(signal.SIGKILL)
+
+        def report(line: str) -> None:
+            os.write(report_fd, f"{line}\n".encode())  # one write under PIPE_BUF: never interleaved
+
+        worker = django_rq.get_worker(*queues, worker_class=ToolexecWorker, report=report)
+        worker.work(max_jobs=settings.TOOLEXEC_WORKER_MAX_JOBS)
+        code = 0
+    except BaseException:
+        logger.exception("Job process %d failed", os.getpid())
+    finally:
+        os._exit(code)
 
 
-def _connection_forget(raw: Any) -> None:
-    """Close this process's copy of a connection a horse may have left in any state, without a
-    word to the server: a Terminate message could land in the middle of whatever the horse left
-    half-sent. The server sees the socket close and ends the session, rolling back what is open."""
-    if raw.closed:
-        return
-    with open(os.devnull, "wb") as devnull:
-        os.dup2(devnull.fileno(), raw.fileno())  # the driver's goodbye goes nowhere
-    raw.close()
+def run_scheduler(queues: Sequence[str]) -> NoReturn:
+    """A forked process that runs RQ's scheduler for ``queues`` while it holds their lock (one
+    scheduler across all workers), and keeps trying to take the lock while another holds it."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent(signal.SIGTERM)  # it then releases its lock
+        scheduler = RQScheduler(queues, connection=django_rq.get_connection(queues[0]))
+        while not scheduler.acquire_locks():
+            time.sleep(max(1, settings.TOOLEXEC_JOB_STALE_SECONDS // 2))
+        scheduler.work()  # until SIGTERM
+        code = 0
+    except BaseException:
+        logger.exception("Scheduler process %d failed", os.getpid())
+    finally:
+        os._exit(code)

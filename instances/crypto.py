@@ -29,12 +29,6 @@ def fernet() -> MultiFernet:
     return _fernet(tuple(settings.TOOLEXEC_ENCRYPTION_KEYS))
 
 
-def crypto_prepare() -> None:
-    """Load the keys and set up the ciphers now (OpenSSL looks them up on first use): a process
-    that forks a child per job (the RQ worker) does it once, not in every child."""
-    unseal(seal(None, row_id="", owner_id=0), row_id="", owner_id=0)
-
-
 def seal(secret: Any, *, row_id: str, owner_id: int) -> str:
     plaintext = json.dumps({"credential": str(row_id), "owner": owner_id, "secret": secret}, separators=(",", ":"))
     return fernet().encrypt(plaintext.encode()).decode()

@@ -1,4 +1,4 @@
-"""`make run`: toolexec on http://127.0.0.1:8000 with one RQ worker and demo data.
+"""`make run`: toolexec on http://127.0.0.1:8000 with a warm worker and demo data.
 
 Finds Redis (or starts a private one), migrates, syncs the catalog, seeds the demo logins
 (`manage.py seed_demo`), starts the web server and a worker, and prints how to use them.
@@ -57,9 +57,7 @@ class Child:
 
 
 # The worker make run starts; README's production section runs the same command.
-WORKER_COMMAND = [
-    "rqworker", "default", "--with-scheduler", "--worker-class", "executions.worker.ToolexecWorker", "--skip-checks"
-]  # fmt: skip
+WORKER_COMMAND = ["toolexec_worker", "default", "--skip-checks"]
 
 
 def on_stop_signal(signum: int, frame: FrameType | None) -> None:
@@ -210,7 +208,7 @@ def run(children: list[Child], data_dir: str) -> None:
     manage("sync_tools", env=env)
     seed_output = manage("seed_demo", "--base-url", base_url, env=env, capture=True)
     start(children, "web server", [PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], env)
-    start(children, "RQ worker", [PYTHON, "manage.py", *WORKER_COMMAND], env)
+    start(children, "worker", [PYTHON, "manage.py", *WORKER_COMMAND], env)
     wait_until_answers(f"{base_url}/api/v1/", children)
     print(summary(base_url, seed_output), flush=True)
     died = watch(children)

@@ -6,10 +6,12 @@ import sys
 import time
 from pathlib import Path
 
+import django_rq
 import pytest
 from django.conf import settings
 from django.core.cache import cache
 from rest_framework.test import APIClient
+from rq import Worker
 
 from tests.browser import BROWSER_AVAILABLE
 from tests.factories import UserFactory
@@ -103,7 +105,8 @@ def make_instance(catalog):
 
 
 class WorkerProcess:
-    """A `manage.py rqworker` subprocess (ToolexecWorker, with the scheduler) on the test database."""
+    """A `manage.py toolexec_worker` subprocess on the test database: the supervisor, with its
+    job process (one unless told otherwise) and its scheduler process."""
 
     def __init__(self, process: "subprocess.Popen[bytes]", log_path: str) -> None:
         self.process = process
@@ -114,9 +117,20 @@ class WorkerProcess:
         return self.process.pid
 
     def children(self) -> list[int]:
-        """Child pids (the work-horse while a job runs, and the scheduler)."""
+        """Child pids (the job processes and the scheduler)."""
         out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
         return [int(pid) for pid in out.split()]
+
+    def job_processes(self) -> dict[int, str | None]:
+        """{pid: the RQ job id it runs, or None} of the supervisor's job processes, as RQ's
+        worker registry has them."""
+        children = set(self.children())
+        workers = Worker.all(connection=django_rq.get_connection("default"))
+        return {w.pid: w.get_current_job_id() for w in workers if w.pid in children}
+
+    def running_job(self) -> int | None:
+        """The pid of the job process that runs a job now, if any."""
+        return next((pid for pid, job in self.job_processes().items() if job), None)
 
     def log(self) -> str:
         with open(self.log_path) as handle:
@@ -158,16 +172,7 @@ def rq_worker(transactional_db, tmp_path):
         log_path = str(tmp_path / f"worker-{len(started)}.log")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.run_worker",
-                    "default",
-                    "--with-scheduler",
-                    "--worker-class",
-                    "executions.worker.ToolexecWorker",
-                    *extra,
-                ],
+                [sys.executable, "-m", "tests.run_worker", "default", "--processes", "1", *extra],
                 cwd=str(ROOT),
                 env={**env, **extra_env},
                 stdout=log,

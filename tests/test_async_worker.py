@@ -3,13 +3,12 @@ subprocesses (``rq_worker``): accepting a run, progress rising to COMPLETED, the
 the live events, cancellation (queued, running, stubborn, finished), timeouts, retries,
 per-owner fairness, and what reaches Redis and the worker's log (ids only).
 
-Crash recovery (killed work-horses and workers) lives in tests/test_async_recovery.py.
+Crash recovery (killed job processes and workers) lives in tests/test_async_recovery.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -94,15 +93,13 @@ def wait_result(api: APIClient, instance: Any, job_id: str, *, timeout: float = 
     )
 
 
-def horse_of(worker: Any) -> int | None:
-    """The worker's work-horse: RQ forks it into a process group of its own (the scheduler,
-    the worker's other child, stays in the worker's group)."""
-    for pid in worker.children():
-        try:
-            if os.getpgid(pid) == pid:
+def job_process_of(job_id: str, workers: list[Any]) -> int | None:
+    """The pid of the job process that runs the job (its RQ job id is the job's id), among
+    ``workers``' processes."""
+    for worker in workers:
+        for pid, rq_job_id in worker.job_processes().items():
+            if rq_job_id == job_id:
                 return pid
-        except ProcessLookupError:
-            continue
     return None
 
 
@@ -390,7 +387,7 @@ def test_cancelled_running_job_stops_at_its_next_check(api, user, make_instance,
     assert job.progress < 100
     assert job.execution.status == Execution.Status.CANCELLED
     assert job.cancel_requested_at is not None
-    wait_for(lambda: horse_of(worker) is None, timeout=5, message="the work-horse to end")
+    wait_for(lambda: worker.running_job() is None, timeout=5, message="the job process to be done with the job")
     assert_books_consistent(instance, user, runs=1, successes=0, charged=Decimal("0"))
 
 
@@ -402,13 +399,13 @@ def test_cancelled_stubborn_job_is_stopped_through_rq_with_a_single_worker(
     worker = rq_worker(TOOLEXEC_CANCEL_GRACE_SECONDS="1")
     job_id = start_async(api, instance, {"seconds": 12})["job_id"]
     wait_status(job_id, "RUNNING")
-    horse = wait_for(lambda: horse_of(worker), message="the work-horse")
+    wait_for(lambda: job_process_of(job_id, [worker]), message="the job process")
 
     assert cancel(api, instance, job_id).status_code == 202
 
     job = wait_status(job_id, TERMINAL, timeout=8)
     assert job.status == Job.Status.CANCELLED
-    wait_for(lambda: not alive(horse), timeout=5, message="the work-horse to be stopped")
+    wait_for(lambda: not job_process_of(job_id, [worker]), timeout=5, message="the tool to be stopped")
 
 
 def test_cancelled_stubborn_job_is_stopped_through_rq_by_another_workers_reaper(
@@ -425,14 +422,14 @@ def test_cancelled_stubborn_job_is_stopped_through_rq_by_another_workers_reaper(
     workers = [rq_worker(**fast), rq_worker(**fast)]
     job_id = start_async(api, instance, {"seconds": 30})["job_id"]
     wait_status(job_id, "RUNNING")
-    horse = wait_for(lambda: next(filter(None, map(horse_of, workers)), None), message="the work-horse")
+    wait_for(lambda: job_process_of(job_id, workers), message="the job process")
 
     assert cancel(api, instance, job_id).status_code == 202
     asked = time.monotonic()
 
     job = wait_status(job_id, TERMINAL, timeout=15)
     assert job.status == Job.Status.CANCELLED
-    wait_for(lambda: not alive(horse), timeout=5, message="RQ's stop-job command to end the work-horse")
+    wait_for(lambda: not job_process_of(job_id, workers), timeout=5, message="RQ's stop-job command to stop the tool")
     assert time.monotonic() - asked < 15
     assert_error_result(get_result(api, instance, job_id), "CANCELLED", "CANCELLED")
     assert_books_consistent(instance, user, runs=1, successes=0, charged=Decimal("0"))
@@ -480,8 +477,8 @@ def test_job_over_the_tools_timeout_ends_timed_out_in_words(api, user, make_inst
     assert job.execution.status == Execution.Status.TIMED_OUT
     assert 1500 <= job.execution.duration_ms < 10_000
     assert_books_consistent(instance, user, runs=1, successes=0, charged=Decimal("0"))
-    # The worker survives its timed-out horse.
-    wait_for(lambda: horse_of(worker) is None, timeout=5, message="the work-horse to end")
+    # The worker survives its timed-out job.
+    wait_for(lambda: worker.running_job() is None, timeout=5, message="the job process to be done with the job")
     follow_up = start_async(api, make_instance("demo-long-task", owner=user), {"steps": 1, "step_seconds": 0})
     wait_status(follow_up["job_id"], "COMPLETED")
 

@@ -280,28 +280,3 @@ def test_a_worker_runs_a_free_job_within_its_budget(api, user, make_instance):
 
     assert Job.objects.get(pk=job_id).status == Job.Status.COMPLETED
     assert len(captured) == JOB_CLAIM_BUDGET + JOB_OUTCOME_BUDGET, _sql(captured)
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_horse_that_inherits_the_claim_and_the_check_runs_only_the_outcome(api, user, make_instance, monkeypatch):
-    """The worker claims and checks a job ahead of the fork (job_claim_ahead); the horse that
-    inherits both neither claims nor checks (no unseal) again."""
-    from executions import services
-    from executions.models import Job
-
-    instance = make_instance("test-noop", owner=user)
-    job_id = api.post(f"/api/v1/instances/{instance.pk}/execute-async", {}, format="json").json()["job_id"]
-    unsealed: list[str] = []
-    real = services.unseal
-    monkeypatch.setattr(services, "unseal", lambda token, **kw: unsealed.append(kw["row_id"]) or real(token, **kw))
-
-    with CaptureQueriesContext(connection) as ahead:
-        services.job_claim_ahead(job_id=job_id, worker_name="budget")
-    assert unsealed == [job_id]  # checked ahead
-    with CaptureQueriesContext(connection) as horse:
-        services.job_run(job_id=job_id, worker_name="budget")
-
-    assert Job.objects.get(pk=job_id).status == Job.Status.COMPLETED
-    assert unsealed == [job_id]  # and not again
-    assert len(ahead) == JOB_CLAIM_BUDGET, _sql(ahead)
-    assert len(horse) == JOB_OUTCOME_BUDGET, _sql(horse)

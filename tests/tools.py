@@ -250,3 +250,126 @@ class CountedTool(Tool):
 
 
 ALL_TEST_TOOLS += [CountedTool]
+
+
+# --- Warm worker tests (tests/test_warm_worker.py); registered by that module and the worker -------
+
+
+class WhoAmITool(Tool):
+    """Answers with the pid of the process that ran it."""
+
+    slug = "test-whoami"
+    name = "Test Who Am I"
+    input_schema = {"type": "object"}
+    modes = frozenset({ASYNC})
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import os
+
+        return {"pid": os.getpid()}
+
+
+class NeverReturnsTool(Tool):
+    """Never returns to a check point, in the way ``how`` says: ``sleep`` (``time.sleep``),
+    ``socket`` (a read with no timeout from a peer that never writes), ``regex`` (catastrophic
+    backtracking), ``masked`` (with the signals that could interrupt it blocked) or ``gil`` (a C
+    loop that holds the GIL for hours and never returns to the interpreter, so that neither a
+    signal handler nor another thread of its process runs)."""
+
+    slug = "test-never-returns"
+    name = "Test Never Returns"
+    input_schema = {"type": "object", "properties": {"how": {"enum": ["sleep", "socket", "regex", "masked", "gil"]}}}
+    modes = frozenset({ASYNC})
+    timeout_seconds = 2
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import os
+        import re
+        import signal
+        import socket
+
+        ctx.progress(1, f"Running in {os.getpid()}")
+        how = inputs.get("how", "sleep")
+        if how == "socket":
+            reader, writer = socket.socketpair()
+            reader.settimeout(None)
+            reader.recv(1)
+        elif how == "regex":
+            re.match(r"(a+)+$", "a" * 64 + "b")
+        elif how == "gil":
+            time.sleep(1.2)  # first the progress report reaches the database (a thread writes it)
+            sum(range(10**13))
+        else:
+            if how == "masked":
+                signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+            time.sleep(10**6)
+        return {"returned": True}
+
+
+class NeverReturnsLongTool(NeverReturnsTool):
+    slug = "test-never-returns-long"
+    name = "Test Never Returns Long"
+    timeout_seconds = 120
+
+
+class SecretKeeperTool(Tool):
+    """Holds its credential and its ``note`` input in locals, then fails: the traceback keeps
+    them alive as long as anything keeps the failure."""
+
+    slug = "test-secret-keeper"
+    name = "Test Secret Keeper"
+    input_schema = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
+    credential_slots = (CredentialSlot("OAUTH_TOKEN", provider="google", kind="oauth2"),)
+    modes = frozenset({ASYNC})
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        kept = {"token": ctx.credential("OAUTH_TOKEN")["access_token"], "note": inputs["note"]}
+        raise RuntimeError(f"failed while holding {len(kept)} values")
+
+
+class SecretHunterTool(Tool):
+    """Searches its own process for strings: every object the garbage collector tracks, every
+    module's globals and the context variables. Takes them reversed, so that its own inputs do
+    not contain them; answers with where it found them."""
+
+    slug = "test-secret-hunter"
+    name = "Test Secret Hunter"
+    input_schema = {"type": "object", "properties": {"reversed": {"type": "array", "items": {"type": "string"}}}}
+    modes = frozenset({ASYNC})
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import contextvars
+        import gc
+        import os
+        import sys
+
+        wanted = [text[::-1] for text in inputs["reversed"]]
+        wanted_bytes = [text.encode() for text in wanted]
+
+        def holds(value: Any) -> bool:
+            if isinstance(value, str):
+                return any(text in value for text in wanted)
+            if isinstance(value, bytes | bytearray):
+                return any(text in value for text in wanted_bytes)
+            return False
+
+        found: list[str] = []
+        for obj in gc.get_objects():
+            if obj is wanted or obj is wanted_bytes:
+                continue
+            if isinstance(obj, dict):
+                values = [*obj.keys(), *obj.values()]
+            elif isinstance(obj, list | tuple | set | frozenset):
+                values = list(obj)
+            else:
+                values = list(getattr(obj, "__dict__", {}).values()) if hasattr(obj, "__dict__") else []
+            if any(holds(value) for value in values):
+                found.append(f"a {type(obj).__name__}")
+        for name, module in list(sys.modules.items()):
+            if any(holds(value) for value in list(getattr(module, "__dict__", {}).values())):
+                found.append(f"module {name}")
+        found += [f"context variable {var.name}" for var, value in contextvars.copy_context().items() if holds(value)]
+        return {"pid": os.getpid(), "found": found}
+
+
+WARM_WORKER_TOOLS = [WhoAmITool, NeverReturnsTool, NeverReturnsLongTool, SecretKeeperTool, SecretHunterTool]
