@@ -3,7 +3,7 @@ RQ's forking worker, so the product's gap to bare RQ can be told apart from what
 costs by itself. Not a target; the worker benchmarks' counterpart of benchmark 1's floor.
 
 ``FloorWorker`` is RQ's ``Worker`` holding one PostgreSQL connection (psycopg2, no Django),
-lent to every work-horse as ToolexecWorker lends its own. ``recorded_noop`` does the least a
+lent to every work-horse (the product's forking worker did the same until issue 20). ``recorded_noop`` does the least a
 recorded run needs: it claims its row (``UPDATE … WHERE status = 'QUEUED'``, committed), takes
 its first line, and records the outcome (``UPDATE``, committed): two durable commits, as the
 product's claim and outcome are.

@@ -61,8 +61,8 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = [
         "## 7. Worker memory",
         "",
-        f"One product worker (`manage.py rqworker default --with-scheduler --worker-class "
-        f"executions.worker.ToolexecWorker --skip-checks`) runs {result['jobs']:,} jobs of the `bench-first-line` "
+        f"One product worker (`manage.py toolexec_worker default --processes 1 --skip-checks`) runs "
+        f"{result['jobs']:,} jobs of the `bench-first-line` "
         f"tool, accepted with `execution_enqueue` {BATCH} at a time while it works. At each checkpoint, once the "
         "worker is idle again: VmRSS of the worker process, the parent that lives as long as the worker and forks "
         "a work-horse per job (its scheduler child not included), and the median VmRSS of the last work-horses, "
