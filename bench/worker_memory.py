@@ -1,6 +1,7 @@
-"""Benchmark 7: worker memory. One product worker runs 10,000 jobs; the resident memory of its
-long-lived process (the parent that forks a work-horse per job) after 10,000 jobs against
-after 100, and the work-horses' own, as each one measures itself at its first line."""
+"""Benchmark 7: worker memory. One product worker (a supervisor and one warm job process) runs
+10,000 jobs; the resident memory of the process that runs them, as each job measures it at its
+first line, after 10,000 jobs against after 100 (recycling after TOOLEXEC_WORKER_MAX_JOBS
+included: a recycled process is a new one), and the supervisor's beside it."""
 
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ def measure() -> dict[str, Any]:
                 accepted += count
             workers.wait_records(key, checkpoint, timeout=900)
             workers.wait_state([worker], "idle")
-            horses = workers.records(key)[-min(FIRST, checkpoint) :]
+            ran = workers.records(key)[-min(FIRST, checkpoint) :]
             samples.append(
                 {
                     "jobs": checkpoint,
                     "rss_kb": worker.rss_kb(),
-                    "horse_rss_kb": sorted(r["rss_kb"] for r in horses)[len(horses) // 2],
+                    "job_rss_kb": sorted(r["rss_kb"] for r in ran)[len(ran) // 2],
                     "seconds": time.perf_counter() - started,
                 }
             )
@@ -57,30 +58,30 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
     samples = result["samples"]
     first = next(s for s in samples if s["jobs"] == FIRST)
     last = samples[-1]
-    growth = (last["rss_kb"] - first["rss_kb"]) / first["rss_kb"]
+    growth = (last["job_rss_kb"] - first["job_rss_kb"]) / first["job_rss_kb"]
     lines = [
         "## 7. Worker memory",
         "",
         f"One product worker (`manage.py toolexec_worker default --processes 1 --skip-checks`) runs "
         f"{result['jobs']:,} jobs of the `bench-first-line` "
         f"tool, accepted with `execution_enqueue` {BATCH} at a time while it works. At each checkpoint, once the "
-        "worker is idle again: VmRSS of the worker process, the parent that lives as long as the worker and forks "
-        "a work-horse per job (its scheduler child not included), and the median VmRSS of the last work-horses, "
-        "each read by the job at its first line (a horse's RSS counts the pages it still shares with the parent).",
+        "worker is idle again: the median VmRSS of the process that ran the last jobs, each read by the job at its "
+        "first line (the warm job process; after TOOLEXEC_WORKER_MAX_JOBS jobs a new one), and the VmRSS of the "
+        "supervisor, which runs no job.",
         "",
-        "| jobs run | worker RSS MB | work-horse RSS MB (median) | elapsed s |",
+        "| jobs run | supervisor RSS MB | job process RSS MB (median) | elapsed s |",
         "|---|---|---|---|",
     ]
     for sample in samples:
-        horse = f"{sample['horse_rss_kb'] / 1024:.1f}" if "horse_rss_kb" in sample else "—"
-        lines.append(f"| {sample['jobs']:,} | {sample['rss_kb'] / 1024:.1f} | {horse} | {sample['seconds']:.0f} |")
+        job = f"{sample['job_rss_kb'] / 1024:.1f}" if "job_rss_kb" in sample else "—"
+        lines.append(f"| {sample['jobs']:,} | {sample['rss_kb'] / 1024:.1f} | {job} | {sample['seconds']:.0f} |")
     lines += [
         "",
-        f"Worker RSS after {last['jobs']:,} jobs / after {FIRST}: {1 + growth:.3f} ({growth:+.1%}).",
+        f"Job process RSS after {last['jobs']:,} jobs / after {FIRST}: {1 + growth:.3f} ({growth:+.1%}).",
         "",
     ]
     verdicts = [
-        f"| 7. memory | worker RSS after {last['jobs']:,} jobs vs after {FIRST} | {growth:+.1%} "
+        f"| 7. memory | job process RSS after {last['jobs']:,} jobs vs after {FIRST} | {growth:+.1%} "
         f"| within ±{TARGET['growth_max']:.0%} | {verdict(abs(growth) <= TARGET['growth_max'])} |"
     ]
     return lines, verdicts
