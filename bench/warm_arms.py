@@ -15,16 +15,13 @@ cancelling its queue's consumer, Celery's remote control, instead of RQ's suspen
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from . import bare_rq, workers
@@ -58,9 +55,6 @@ class WarmRQWorker(workers.RQWorker):
             command, cwd=str(ROOT), env={**subprocess_env(), **env}, stdout=self.log, stderr=subprocess.STDOUT
         )
 
-    def tree_cpu_seconds(self) -> float:
-        return workers.tree_cpu_seconds(self.pid)
-
 
 def simple_bare_enqueue(key: str, count: int = 1) -> list[str]:
     from rq import Queue
@@ -91,7 +85,7 @@ def rq_queue_empty(arm: str) -> None:
     Queue(name, connection=workers.redis_client()).empty()
 
 
-class CeleryWorker:
+class CeleryWorker(workers.WorkerProcess):
     """The Celery peer's worker: one main process and a prefork pool of ``processes``."""
 
     arm = "celery"
@@ -109,10 +103,6 @@ class CeleryWorker:
             cwd=str(ROOT), env={**subprocess_env(), "DJANGO_SETTINGS_MODULE": "bench.celery_settings"},
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
     def _control(self) -> Any:
         from .celery_peer import app
@@ -136,34 +126,6 @@ class CeleryWorker:
 
     def release(self) -> None:
         self._control().add_consumer(CELERY_QUEUE, destination=[self.hostname], reply=True, timeout=5)
-
-    def tree_cpu_seconds(self) -> float:
-        return workers.tree_cpu_seconds(self.pid)
-
-    def cpu_seconds(self) -> tuple[float, float]:
-        """(the main process's own CPU, its pool processes' and any reaped ones')."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        own = (int(fields[11]) + int(fields[12])) / workers.CLOCK_TICKS
-        return own, self.tree_cpu_seconds() - own
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        """SIGTERM (Celery's warm shutdown), then whatever is left of the tree."""
-        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
-        children = [int(pid) for pid in out.split()]
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        Path(self.log.name).unlink(missing_ok=True)
 
 
 def celery_queue_empty() -> None:

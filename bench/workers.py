@@ -47,7 +47,53 @@ def redis_client() -> Any:
     return redis.Redis.from_url(REDIS_URL)
 
 
-class RQWorker:
+class WorkerProcess:
+    """A worker's main process started by a benchmark (``process``, its output in ``log``):
+    what every arm's worker is measured and stopped by."""
+
+    process: subprocess.Popen[bytes]
+    log: Any
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_kb(self) -> int:
+        return bare_rq.rss_kb(self.pid)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) of the worker process itself, and of the rest of its tree:
+        its live children (a warm job process, the scheduler) and those it has waited for (the
+        work-horses that ended)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime = (int(value) / CLOCK_TICKS for value in fields[11:13])
+        return utime + stime, tree_cpu_seconds(self.pid) - (utime + stime)
+
+    def children(self) -> list[int]:
+        """Its child processes (work-horses, job processes, a scheduler, a pool)."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM (a warm shutdown: the current job finishes), then whatever is left of it."""
+        children = self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+class RQWorker(WorkerProcess):
     """One worker process of an arm (its parent: the process that forks the work-horses)."""
 
     def __init__(self, arm: str, *, burst: bool = False, env: dict[str, str] | None = None) -> None:
@@ -81,10 +127,6 @@ class RQWorker:
             command, cwd=str(ROOT), env={**subprocess_env(), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT
         )
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def state(self) -> str | None:
         if self.arm == "product":
             # The supervisor registers nothing in RQ; its one job process does, under its own name.
@@ -112,40 +154,6 @@ class RQWorker:
             raise RuntimeError(f"the {self.arm} worker did not finish:\n{self.output()}") from None
         if self.process.returncode != 0:
             raise RuntimeError(f"the {self.arm} worker failed ({self.process.returncode}):\n{self.output()}")
-
-    def rss_kb(self) -> int:
-        return bare_rq.rss_kb(self.pid)
-
-    def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time (user + system) of the worker process itself, and of the rest of its tree:
-        its live children (a warm job process, the scheduler) and those it has waited for (the
-        work-horses that ended)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        utime, stime = (int(value) / CLOCK_TICKS for value in fields[11:13])
-        return utime + stime, tree_cpu_seconds(self.pid) - (utime + stime)
-
-    def children(self) -> list[int]:
-        """The scheduler, and the work-horse while a job runs."""
-        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
-        return [int(pid) for pid in out.split()]
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        """SIGTERM (a warm shutdown: the current job finishes), then whatever is left of it."""
-        children = self.children()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        Path(self.log.name).unlink(missing_ok=True)
 
 
 def tree_cpu_seconds(pid: int) -> float:
