@@ -60,17 +60,12 @@ def credits_hold(*, account: CreditAccount, amount: Decimal) -> int:
     return covered.update(balance=F("balance") - amount, updated_at=timezone.now())
 
 
-def credits_to_settle(*, account: CreditAccount, held: Decimal, charge: Decimal) -> Decimal:
-    """What settling a hold takes off the balance: the charge beyond what was held, or (when
-    negative) what was held beyond the charge, to give back. Nothing on an unlimited account."""
-    return Decimal("0") if account.is_unlimited else charge - held
-
-
 def credits_settle(*, account: CreditAccount, held: Decimal, charge: Decimal) -> None:
     """Turn a hold into the real charge: give back what was held beyond the charge, or take the
     rest (usage beyond the hold may take the balance below zero; the work was done). No write
-    when there is nothing to move. The caller commits it with the outcome it settles."""
-    difference = credits_to_settle(account=account, held=held, charge=charge)
+    when there is nothing to move, and none on an unlimited account. The caller commits it with
+    the outcome it settles."""
+    difference = Decimal("0") if account.is_unlimited else charge - held
     if difference:
         CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") - difference, updated_at=timezone.now())
 
