@@ -65,7 +65,7 @@ def fixtures() -> tuple[str, str]:
     from django.contrib.auth import get_user_model
 
     from core.models import ApiToken
-    from instances.services import instance_create
+    from instances.services.instances import instance_create
     from tools.models import ToolDefinition
 
     user = get_user_model().objects.create_user(username=f"bench-async-{time.time_ns()}", password=None)

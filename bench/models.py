@@ -68,6 +68,9 @@ class FloorExecution(models.Model):  # noqa: DJ008  (bench tables, never display
     idempotency_key = models.CharField(max_length=255, blank=True)
     request_fingerprint = models.CharField(max_length=64, blank=True)
     cache_hit = models.BooleanField(default=False)
+    ledger_entry = models.OneToOneField(
+        "FloorLedgerEntry", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -95,7 +98,6 @@ class FloorLedgerEntry(models.Model):  # noqa: DJ008  (bench tables, never displ
     account = models.ForeignKey(FloorAccount, on_delete=models.CASCADE, related_name="+")
     kind = models.CharField(max_length=12)
     amount = models.DecimalField(max_digits=14, decimal_places=4)
-    execution = models.OneToOneField(FloorExecution, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     reason = models.CharField(max_length=300, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"

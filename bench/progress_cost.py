@@ -19,7 +19,7 @@ TARGET = {"added_ms_per_call_max": 0.05, "writes_max": "duration_s + 2", "hot_fr
 def _instance() -> Any:
     from django.contrib.auth import get_user_model
 
-    from instances.services import instance_create
+    from instances.services.instances import instance_create
     from tools.models import ToolDefinition
 
     user = get_user_model().objects.create_user(username=f"bench-progress-{time.time_ns()}", password=None)

@@ -29,7 +29,8 @@ def fixtures() -> dict[str, str]:
 
     from bench.baseline.views import floor_fixtures
     from core.models import ApiToken
-    from instances.services import credit_account_for, instance_create
+    from credits.services import credit_account_for
+    from instances.services.instances import instance_create
     from tools.models import ToolDefinition
 
     user = get_user_model().objects.create_user(username=f"bench-{time.time_ns()}", password=None)

@@ -267,7 +267,7 @@ def product_instance(label: str) -> Any:
     """An ACTIVE instance of ``bench-first-line`` owned by a fresh user (with the default credits)."""
     from django.contrib.auth import get_user_model
 
-    from instances.services import instance_create
+    from instances.services.instances import instance_create
     from tools.models import ToolDefinition
 
     user = get_user_model().objects.create_user(username=f"bench-{label}-{time.time_ns()}", password=None)

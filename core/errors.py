@@ -9,12 +9,16 @@ errors tools and services raise are the SDK's (tools/errors.py).
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
 from django.conf import settings
 from django.urls import NoReverseMatch, reverse
+
+from .words import bytes_words, credits_words
 
 
 class ErrorCode(StrEnum):
@@ -184,7 +188,8 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ),
     ErrorCode.INSUFFICIENT_CREDITS: CatalogEntry(
         402,
-        "You do not have enough credits to run {tool}: a run costs at least {needed} and your balance is {balance}.",
+        "You do not have enough credits to run {tool}: a run costs at least {needed:credits} and your balance is "
+        "{balance:credits}.",
         actions=(Action("add_credits", "Ask your administrator to add credits to your account", "", "high"),),
     ),
     ErrorCode.UPSTREAM_ERROR: CatalogEntry(
@@ -234,7 +239,7 @@ CATALOG: dict[ErrorCode, CatalogEntry] = {
     ),
     ErrorCode.FILE_TOO_LARGE: CatalogEntry(
         413,
-        "This file is too large: uploads may be at most {limit}.",
+        "This file is too large: uploads may be at most {limit:bytes}.",
         actions=(
             Action("reduce_file", "Upload a smaller file: split it, or leave out what you don't need", "", "high"),
         ),
@@ -249,8 +254,27 @@ class _Params(dict):
         return _DEFAULT_PARAMS.get(key, "")
 
 
+# Format specs that say a number in words: "{needed:credits}", "{limit:bytes}". Errors carry
+# the numbers (Decimal, int); how they read is decided here, when the message is rendered.
+_WORDS: dict[str, Callable[[Any], str]] = {
+    "credits": lambda amount: credits_words(Decimal(amount)),
+    "bytes": bytes_words,
+}
+
+
+class _Formatter(string.Formatter):
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if format_spec in _WORDS:
+            is_number = isinstance(value, int | Decimal) and not isinstance(value, bool)
+            return _WORDS[format_spec](value) if is_number else str(value)
+        return super().format_field(value, format_spec)
+
+
+_formatter = _Formatter()
+
+
 def _format(template: str, params: dict[str, Any]) -> str:
-    return string.Formatter().vformat(template, (), _Params(params)).strip()
+    return _formatter.vformat(template, (), _Params(params)).strip()
 
 
 def absolute_url(path: str) -> str:

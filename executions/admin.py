@@ -1,77 +1,29 @@
 """Operator console: executions and jobs (read-only records with cancel and retry through the
-services), credit accounts and their ledger."""
+services)."""
 
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from typing import Any
 
-from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.views.main import ChangeList
-from django.core.paginator import Paginator
-from django.db import connections
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
-from django.template.response import TemplateResponse
+from django.http import HttpRequest
 from django.urls import reverse
-from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 from redis.exceptions import RedisError
 from rq.job import Job as RQJob
 
-from core.admin_site import ReadOnlyMixin
+from core.admin_site import ReadOnlyAdmin
 from core.errors import ToolexecError
 from core.redaction import redact
-from instances.models import CreditAccount
 
 from . import events
-from .models import CreditLedgerEntry, Execution, Job
-from .services import credits_adjust, job_cancel, job_retry_as_new
-
-LEDGER_INLINE_LIMIT = 50
-
-
-class EstimatedCountPaginator(Paginator):
-    """A changelist paginator for tables that grow with every run: the unfiltered list takes
-    PostgreSQL's row estimate (``pg_class.reltuples``, kept current by autovacuum's ANALYZE)
-    instead of a ``COUNT(*)`` that reads the whole table on every page view. A filtered list,
-    or a table under ``exact_below`` rows, is counted exactly. The admin's page links need a
-    count; near the end of an estimated list the last page may come out short."""
-
-    exact_below = 10_000
-    estimated = False
-
-    @cached_property
-    def count(self) -> int:
-        queryset = self.object_list
-        if isinstance(queryset, QuerySet) and not queryset.query.where:
-            connection = connections[queryset.db]
-            if connection.vendor == "postgresql":
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-                        [connection.ops.quote_name(queryset.model._meta.db_table)],
-                    )
-                    row = cursor.fetchone()
-                if row and row[0] >= self.exact_below:  # -1: never analysed
-                    self.estimated = True
-                    return int(row[0])
-        return super().count
-
-
-class ReadOnlyAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    """Executions, jobs and ledger entries are records written by the services only. They grow
-    with every run, so their changelists neither count the whole table (the paginator
-    estimates) nor drill down by date (``date_hierarchy`` reads every row's date to list the
-    years and months that have some): a date filter with fixed choices instead."""
-
-    show_full_result_count = False
-    paginator = EstimatedCountPaginator
+from .models import Execution, Job
+from .services import job_cancel, job_retry_as_new
 
 
 def pretty_json(value: Any) -> SafeString:
@@ -321,90 +273,3 @@ def rq_states(rq_job_ids: list[str]) -> dict[str, str]:
         status = rq_job.get_status(refresh=False) if rq_job is not None else None
         states[rq_job_id] = "gone" if rq_job is None else str(getattr(status, "value", status) or "unknown")
     return states
-
-
-@admin.register(CreditLedgerEntry)
-class CreditLedgerEntryAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "account", "kind", "amount", "execution", "reason", "created_by"]
-    list_filter = ["created_at", "kind"]
-    search_fields = ["account__owner__username", "reason"]
-    list_select_related = ["account__owner", "execution", "created_by"]
-
-
-class LedgerInline(ReadOnlyMixin, admin.TabularInline):
-    """The account's newest ledger entries (the full ledger is under Credit ledger entries)."""
-
-    model = CreditLedgerEntry
-    fields = ["created_at", "kind", "amount", "reason", "execution", "created_by"]
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    ordering = ["-created_at", "-id"]
-    verbose_name_plural = f"ledger (newest {LEDGER_INLINE_LIMIT})"
-
-    def get_queryset(self, request: HttpRequest) -> QuerySet[CreditLedgerEntry]:
-        qs = super().get_queryset(request).select_related("execution", "created_by")
-        match = request.resolver_match
-        account_id = match.kwargs.get("object_id") if match else None
-        if account_id and str(account_id).isdigit():
-            newest = CreditLedgerEntry.objects.filter(account_id=account_id).order_by("-created_at", "-id")
-            qs = qs.filter(pk__in=newest.values("pk")[:LEDGER_INLINE_LIMIT])
-        return qs
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("instances.view_creditaccount")
-
-
-class AdjustBalanceForm(forms.Form):
-    amount = forms.DecimalField(max_digits=14, decimal_places=4, help_text="Credits to add; negative to take away.")
-    reason = forms.CharField(max_length=300, help_text="Written to the ledger, e.g. “refund for outage 2026-11-20”.")
-
-    def clean_amount(self) -> Decimal:
-        amount = self.cleaned_data["amount"]
-        if not amount:
-            raise forms.ValidationError("Must not be zero.")
-        return amount
-
-
-@admin.register(CreditAccount)
-class CreditAccountAdmin(admin.ModelAdmin):
-    list_display = ["owner", "balance", "is_unlimited", "updated_at"]
-    list_filter = ["is_unlimited"]
-    search_fields = ["owner__username"]
-    list_select_related = ["owner"]
-    fields = ["owner", "balance", "is_unlimited", "created_at", "updated_at"]
-    readonly_fields = ["owner", "balance", "created_at", "updated_at"]
-    inlines = [LedgerInline]
-    actions = ["adjust_balance"]
-    show_full_result_count = False
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # an account opens with its owner's first instance
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False  # the ledger is the account's history; balances move only by adjustments
-
-    @admin.action(description="Adjust balance…", permissions=["change"])
-    def adjust_balance(self, request: HttpRequest, queryset: QuerySet[CreditAccount]) -> HttpResponse | None:
-        form = AdjustBalanceForm(request.POST if "apply" in request.POST else None)
-        if form.is_valid():
-            for account in queryset:
-                credits_adjust(
-                    account=account,
-                    amount=form.cleaned_data["amount"],
-                    reason=form.cleaned_data["reason"],
-                    actor=request.user,
-                )
-                self.message_user(
-                    request, f"{account.owner}: balance adjusted by {form.cleaned_data['amount']}.", messages.SUCCESS
-                )
-            return None
-        context = {
-            **self.admin_site.each_context(request),
-            "title": "Adjust balance",
-            "opts": self.model._meta,
-            "accounts": queryset.select_related("owner"),
-            "form": form,
-            "action_checkbox_name": ACTION_CHECKBOX_NAME,
-        }
-        return TemplateResponse(request, "admin/instances/creditaccount/adjust_balance.html", context)

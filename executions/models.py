@@ -6,7 +6,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from instances.models import CreditAccount, EncryptedSecretField, ToolInstance
+from instances.models import EncryptedSecretField, ToolInstance
 from tools.models import ToolDefinition
 
 
@@ -49,6 +49,13 @@ class Execution(models.Model):
     idempotency_key = models.CharField(max_length=255, blank=True)
     request_fingerprint = models.CharField(max_length=64, blank=True)
     cache_hit = models.BooleanField(default=False)
+    # The ledger line of what the run was charged, written with its outcome (none for a free
+    # run). Linked from here so that credits knows nothing of executions; ``entry.execution``
+    # reads it back. SET_NULL: either record may go on its own, as before the link was turned
+    # around (PROTECT would refuse to delete an owner, whose account takes its ledger with it).
+    ledger_entry = models.OneToOneField(
+        "credits.CreditLedgerEntry", on_delete=models.SET_NULL, null=True, blank=True, related_name="execution"
+    )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -154,35 +161,3 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.pk} {self.status} {self.progress}%"
-
-
-class CreditLedgerEntry(models.Model):
-    """One movement of an owner's credits; the account balance is their running sum."""
-
-    class Kind(models.TextChoices):
-        EXECUTION = "EXECUTION", "Execution charge"
-        ADJUSTMENT = "ADJUSTMENT", "Manual adjustment"
-        GRANT = "GRANT", "Opening grant"
-
-    account = models.ForeignKey(CreditAccount, on_delete=models.CASCADE, related_name="ledger")
-    kind = models.CharField(max_length=12, choices=Kind.choices)
-    amount = models.DecimalField(max_digits=14, decimal_places=4, help_text="Negative for a charge.")
-    execution = models.OneToOneField(
-        Execution, on_delete=models.SET_NULL, null=True, blank=True, related_name="ledger_entry"
-    )
-    reason = models.CharField(max_length=300, blank=True)
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
-    )
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        ordering = ["-created_at", "-id"]
-        verbose_name_plural = "credit ledger entries"
-        indexes = [
-            # An account's ledger, newest first (admin inline, statements).
-            models.Index(fields=["account", "-created_at"], name="ledger_account_created_idx"),
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.amount}"

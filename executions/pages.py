@@ -26,9 +26,9 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from redis.exceptions import RedisError
 
 from core.errors import ToolexecError, http_status
+from core.words import credits_words
 from instances.models import ToolInstance
 from instances.readiness import readiness_check
-from instances.services import credits_words
 from tools.models import ToolDefinition
 from tools.sdk import ASYNC
 

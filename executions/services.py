@@ -34,21 +34,19 @@ from rq.timeouts import JobTimeoutException
 
 from core.errors import ErrorCode, ToolexecError, envelope
 from core.redaction import redact, scrub_envelope, scrub_known, secrets_in_play
+from credits.models import CreditAccount, CreditLedgerEntry
+from credits.services import credits_balance, credits_hold, credits_settle
 from instances.crypto import seal, unseal
-from instances.models import CreditAccount, ToolInstance
+from instances.models import ToolInstance
 from instances.providers import provider_display
 from instances.readiness import Readiness, readiness_check
-from instances.services import (
+from instances.services.credentials import (
     ResolvedCredential,
     credential_failure_record,
     credential_refresh,
     credentials_resolve,
-    credits_balance,
-    credits_hold,
-    credits_settle,
-    credits_words,
-    file_opener,
 )
+from instances.services.files import file_opener
 from tools import registry
 from tools.errors import (
     Cancelled,
@@ -64,7 +62,7 @@ from tools.sdk import ASYNC, SYNC, ExecutionContext, Tool
 
 from . import events
 from .events import QUEUE_NAME
-from .models import CreditLedgerEntry, Execution, Job, Mode
+from .models import Execution, Job, Mode
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +224,7 @@ def execution_record_start(
         if held:
             execution.save(force_insert=True)
     if not held:
-        raise InsufficientCredits(
-            tool=definition.name,
-            needed=credits_words(hold),
-            balance=credits_words(credits_balance(account=account)),
-        )
+        raise InsufficientCredits(tool=definition.name, needed=hold, balance=credits_balance(account=account))
     return execution
 
 
@@ -346,6 +340,11 @@ def execution_finish(
     with transaction.atomic():
         if job is not None and not Job.objects.filter(pk=job.pk, status__in=job_from).update(**job_updates):
             return False
+        if account is not None and outcome.credits:
+            # The charge's ledger line, linked by the execution's own update just below.
+            execution_updates["ledger_entry"] = CreditLedgerEntry.objects.create(
+                account=account, kind=CreditLedgerEntry.Kind.EXECUTION, amount=-outcome.credits
+            )
         if not Execution.objects.filter(pk=execution.pk, status__in=UNFINISHED).update(**execution_updates):
             # The execution ended meanwhile: its job does not end alone.
             transaction.set_rollback(True)
@@ -360,12 +359,8 @@ def execution_finish(
                 last_executed_at=now,
             )
         if account is not None:
-            # Settle what the run costs against what was held when it started, and say why.
+            # Settle what the run costs against what was held when it started (the ledger line says why).
             credits_settle(account=account, held=execution.credits_held, charge=outcome.credits)
-            if outcome.credits:
-                CreditLedgerEntry.objects.create(
-                    account=account, kind=CreditLedgerEntry.Kind.EXECUTION, amount=-outcome.credits, execution=execution
-                )
     if job is not None:
         for name, value in job_updates.items():
             setattr(job, name, value)
@@ -1116,29 +1111,3 @@ def job_check_alive(*, job: Job) -> Job:
         job.refresh_from_db()
         job.execution.refresh_from_db()
     return job
-
-
-# --- Credits ------------------------------------------------------------------------------
-
-
-def credits_adjust(*, account: CreditAccount, amount: Decimal, reason: str, actor: Any = None) -> CreditLedgerEntry:
-    """An operator's manual change of a balance (negative takes credits away), with its reason,
-    in the ledger: one transaction, the balance moved with F()."""
-    reason = (reason or "").strip()
-    errors: dict[str, list[str]] = {}
-    if not amount:
-        errors["amount"] = ["Must not be zero."]
-    if not reason:
-        errors["reason"] = ["Say why the balance changes."]
-    if errors:
-        raise InputInvalid("The adjustment is not valid: " + "; ".join(errors), field_errors=errors)
-    with transaction.atomic():
-        CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") + amount, updated_at=timezone.now())
-        entry = CreditLedgerEntry.objects.create(
-            account=account,
-            kind=CreditLedgerEntry.Kind.ADJUSTMENT,
-            amount=amount,
-            reason=reason[:300],
-            created_by=actor if actor is not None and actor.is_authenticated else None,
-        )
-    return entry

@@ -23,10 +23,9 @@ from .crypto import SecretUnreadable
 from .models import Credential, CredentialAuditEntry, ToolInstance, UploadedFile
 from .providers import providers
 from .readiness import Readiness, readiness_check, readiness_many
-from .selectors import slot_credentials
-from .services import (
+from .selectors import credential_users, slot_credentials
+from .services.credentials import (
     SECRET_FIELDS,
-    TransitionRefused,
     credential_check,
     credential_create,
     credential_delete,
@@ -35,12 +34,9 @@ from .services import (
     credential_revoke,
     credential_test_connection,
     credential_update,
-    credential_users,
-    file_delete,
-    instance_config_check,
-    instance_transition,
-    instance_update,
 )
+from .services.files import file_delete
+from .services.instances import TransitionRefused, instance_config_check, instance_transition, instance_update
 
 # --- Credentials ----------------------------------------------------------------------------
 

@@ -15,16 +15,13 @@ from tools.models import ToolDefinition
 from .models import Credential, ToolInstance
 from .readiness import readiness_check
 from .selectors import credential_list, instance_list
-from .services import (
+from .services.credentials import (
     credential_create,
     credential_delete,
     credential_update,
     instance_configure_credentials,
-    instance_create,
-    instance_delete,
-    instance_transition,
-    instance_update,
 )
+from .services.instances import instance_create, instance_delete, instance_transition, instance_update
 
 
 class StatisticsSerializer(serializers.Serializer):

@@ -21,7 +21,7 @@ from core.api import NewestFirstPagination
 from core.schema import error_responses
 
 from .models import UploadedFile
-from .services import file_delete, file_too_large, file_upload
+from .services.files import file_delete, file_too_large, file_upload
 
 # A multipart body is the file plus its framing (boundaries, part headers, the file name):
 # a body declaring more than the limit plus this much cannot hold a file within the limit.

@@ -174,22 +174,6 @@ class ToolInstance(models.Model):
         return self.failure_count / self.execution_count if self.execution_count else 0.0
 
 
-class CreditAccount(models.Model):
-    """An owner's credits, opened with TOOLEXEC_DEFAULT_CREDITS; moved only with F()."""
-
-    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="credit_account")
-    balance = models.DecimalField(max_digits=14, decimal_places=4, default=Decimal("0"))
-    is_unlimited = models.BooleanField(default=False)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    def __str__(self) -> str:
-        return f"{self.owner}: {'unlimited' if self.is_unlimited else self.balance}"
-
-    def covers(self, amount: Decimal) -> bool:
-        return self.is_unlimited or self.balance >= amount
-
-
 def upload_path(upload: "UploadedFile", filename: str) -> str:
     """Where an upload's bytes are stored: named by its id, never by the name the user gave it."""
     return f"uploads/{upload.pk.hex[:2]}/{upload.pk}"

@@ -42,7 +42,7 @@ from tools.errors import CredentialExpired, UpstreamError, UpstreamRateLimited
 from .crypto import SecretUnreadable
 from .models import Credential
 from .providers import provider_get
-from .services import (
+from .services.credentials import (
     credential_create,
     credential_error_params,
     credential_mark_failed,

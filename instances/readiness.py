@@ -14,13 +14,14 @@ from typing import Any
 from django.utils import timezone
 
 from core.errors import ErrorCode, action_items, envelope
+from credits.models import CreditAccount
+from credits.services import credit_account_for
 from tools import registry
 from tools.sdk import MODES
 
-from .models import Credential, CreditAccount, ToolInstance
+from .models import Credential, ToolInstance
 from .providers import provider_get, reconnect_path
 from .selectors import slot_credentials, slot_credentials_many
-from .services import credit_account_for, credits_words
 
 
 @dataclass
@@ -165,7 +166,7 @@ def readiness_check(
     if free or account.is_unlimited or (account.balance >= needed and account.balance > 0):
         checks.append(Check("credits", True, "Your credit balance covers a run.", 60))
     else:
-        credit_params = {**params, "needed": credits_words(needed), "balance": credits_words(account.balance)}
+        credit_params = {**params, "needed": needed, "balance": account.balance}
         checks.append(_failed("credits", ErrorCode.INSUFFICIENT_CREDITS, 60, credit_params))
 
     return Readiness(instance=instance, checks=checks, params=params, account=account, credentials=credentials)

@@ -1,4 +1,5 @@
 import uuid
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q, QuerySet
@@ -42,7 +43,7 @@ def slot_credentials_many(instances: list[ToolInstance]) -> dict[str, dict[str, 
         if not mapped:
             continue
         mapped_of[str(instance.pk)] = mapped
-        pinned = {v for v in mapped.values() if _is_uuid(v)}
+        pinned = {v for v in mapped.values() if as_uuid(v) is not None}
         provider_keys = set(mapped.values()) - pinned
         wanted |= Q(owner_id=instance.owner_id) & (Q(pk__in=pinned) | Q(provider__in=provider_keys))
     if not mapped_of:
@@ -57,7 +58,7 @@ def slot_credentials_many(instances: list[ToolInstance]) -> dict[str, dict[str, 
         owned = [c for c in candidates if c.owner_id == instance.owner_id]
         resolved: dict[str, Credential | None] = {}
         for name, value in mapped.items():
-            if _is_uuid(value):
+            if as_uuid(value) is not None:
                 resolved[name] = next((c for c in owned if str(c.pk) == value), None)
                 continue
             of_provider = [c for c in owned if c.provider == value and c.kind in slots[name]["kinds"]]
@@ -67,14 +68,33 @@ def slot_credentials_many(instances: list[ToolInstance]) -> dict[str, dict[str, 
     return result
 
 
-def _is_uuid(value: str) -> bool:
+def as_uuid(value: Any) -> uuid.UUID | None:
+    """``value`` as a UUID (an id in a mapping or a request), or None when it is not one."""
     try:
-        uuid.UUID(value)
+        return uuid.UUID(str(value))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def credential_list(*, owner: AbstractBaseUser, provider: str | None = None) -> QuerySet[Credential]:
     qs = Credential.objects.filter(owner=owner)
     return qs.filter(provider=provider) if provider else qs
+
+
+def credential_users(*, credential: Credential) -> list[ToolInstance]:
+    """The owner's instances that would lose this credential if it went away: those pinning
+    it, and those mapping its provider when no other ACTIVE credential of it remains."""
+    others_of_provider = (
+        Credential.objects.filter(
+            owner_id=credential.owner_id, provider=credential.provider, status=Credential.Status.ACTIVE
+        )
+        .exclude(pk=credential.pk)
+        .exists()
+    )
+    users = []
+    for instance in ToolInstance.objects.filter(owner_id=credential.owner_id).order_by("name"):
+        for value in instance.credential_mappings.values():
+            if value == str(credential.pk) or (value == credential.provider and not others_of_provider):
+                users.append(instance)
+                break
+    return users

@@ -96,7 +96,7 @@ def catalog(db):
 @pytest.fixture
 def make_instance(catalog):
     """Creates an instance of a tool (class or slug) through the service, as the API does."""
-    from instances.services import instance_create
+    from instances.services.instances import instance_create
 
     def make(tool="json-transform", *, owner, name="test instance", workflow_id="workflow-1", config=None):
         return instance_create(owner=owner, tool=catalog(tool), name=name, workflow_id=workflow_id, config=config)

@@ -17,10 +17,12 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from executions.models import CreditLedgerEntry, Execution, Job
-from executions.services import execution_enqueue
-from instances.models import Credential, CredentialAuditEntry, CreditAccount, ToolInstance
-from instances.services import credential_create, credit_account_for, instance_configure_credentials
+from credits.models import CreditAccount, CreditLedgerEntry
+from credits.services import credit_account_for
+from executions.models import Execution, Job
+from executions.services import execution_enqueue, execution_run_sync
+from instances.models import Credential, CredentialAuditEntry, ToolInstance
+from instances.services.credentials import credential_create, instance_configure_credentials
 from tests.factories import PASSWORD, UserFactory
 from tools.models import ToolDefinition
 
@@ -514,16 +516,16 @@ def test_staff_without_change_job_permission_cannot_cancel(user, make_instance, 
 def test_adjust_balance_asks_for_amount_and_reason_then_writes_the_ledger(admin_client, user, admin_user):
     account = credit_account_for(owner=user)
     before = account.balance
-    form = run_action(admin_client, "instances.creditaccount", "adjust_balance", [account.pk])
+    form = run_action(admin_client, "credits.creditaccount", "adjust_balance", [account.pk])
     assert form.status_code == 200 and "Adjust balance" in form.content.decode()
     assert 'name="reason"' in form.content.decode()
     missing = run_action(
-        admin_client, "instances.creditaccount", "adjust_balance", [account.pk], apply="1", amount="5", reason=""
+        admin_client, "credits.creditaccount", "adjust_balance", [account.pk], apply="1", amount="5", reason=""
     )
     assert "This field is required." in missing.content.decode()
     done = run_action(
         admin_client,
-        "instances.creditaccount",
+        "credits.creditaccount",
         "adjust_balance",
         [account.pk],
         apply="1",
@@ -540,16 +542,28 @@ def test_adjust_balance_asks_for_amount_and_reason_then_writes_the_ledger(admin_
         "refund reversed",
         admin_user,
     )
-    page = admin_client.get(change("instances.creditaccount", account.pk)).content.decode()
+    page = admin_client.get(change("credits.creditaccount", account.pk)).content.decode()
     assert "refund reversed" in page and "Manual adjustment" in page
 
 
 def test_staff_who_may_only_view_accounts_cannot_adjust(user):
     account = credit_account_for(owner=user)
-    _, client = staff("instances.view_creditaccount")
-    run_action(client, "instances.creditaccount", "adjust_balance", [account.pk], apply="1", amount="50", reason="x")
+    _, client = staff("credits.view_creditaccount")
+    run_action(client, "credits.creditaccount", "adjust_balance", [account.pk], apply="1", amount="50", reason="x")
     assert CreditAccount.objects.get(pk=account.pk).balance == account.balance
     assert not CreditLedgerEntry.objects.exists()
+
+
+def test_a_runs_ledger_line_links_to_the_run_on_the_account_page_and_in_the_ledger(admin_client, user, make_instance):
+    instance = make_instance("json-transform", owner=user)
+    execution, _ = execution_run_sync(instance=instance, inputs={"expression": "a", "data": {"a": 1}})
+    entry = CreditLedgerEntry.objects.get(execution=execution)
+    assert execution.ledger_entry == entry and entry.execution == execution
+
+    account_page = admin_client.get(change("credits.creditaccount", entry.account_id)).content.decode()
+    assert f'href="{change("executions.execution", execution.pk)}"' in account_page
+    ledger = admin_client.get(changelist("credits.creditledgerentry"))
+    assert ledger.status_code == 200 and str(execution) in ledger.content.decode()
 
 
 def test_console_login_page_works(db):

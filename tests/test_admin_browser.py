@@ -166,8 +166,9 @@ def test_operator_cancels_a_running_job_and_sees_it_cancelled(console, operator,
 
 
 def test_operator_syncs_the_catalog_reads_a_run_and_adjusts_credits(console, operator, user, make_instance):
-    from executions.models import CreditLedgerEntry, Execution
-    from instances.services import credit_account_for
+    from credits.models import CreditLedgerEntry
+    from credits.services import credit_account_for
+    from executions.models import Execution
 
     instance = make_instance("test-noop", owner=user, name="Echo")
     execution = Execution.objects.create(
@@ -199,7 +200,7 @@ def test_operator_syncs_the_catalog_reads_a_run_and_adjusts_credits(console, ope
     assert console.find("a[href='https://x.example/']").text == "https://x.example/"
     console.shot("execution-page")
 
-    console.get("/admin/instances/creditaccount/")
+    console.get("/admin/credits/creditaccount/")
     console.run_action("adjust_balance", str(account.pk))
     console.wait_text("A positive amount adds credits")
     console.find("#id_amount").send_keys("12.5")
@@ -210,6 +211,6 @@ def test_operator_syncs_the_catalog_reads_a_run_and_adjusts_credits(console, ope
     console.shot("adjusted")
     entry = CreditLedgerEntry.objects.get(account=account)
     assert (entry.kind, entry.reason, entry.created_by) == ("ADJUSTMENT", "goodwill after the outage", operator)
-    console.get(f"/admin/instances/creditaccount/{account.pk}/change/")
+    console.get(f"/admin/credits/creditaccount/{account.pk}/change/")
     assert "goodwill after the outage" in console.text()
     console.shot("account-page")

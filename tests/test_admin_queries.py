@@ -14,9 +14,12 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from core.models import ApiToken
-from executions.models import CreditLedgerEntry, Execution, Job
+from credits.models import CreditLedgerEntry
+from credits.services import credit_account_for
+from executions.models import Execution, Job
 from instances.models import UploadedFile
-from instances.services import credential_create, credit_account_for, instance_configure_credentials, instance_create
+from instances.services.credentials import credential_create, instance_configure_credentials
+from instances.services.instances import instance_create
 from tests.factories import UserFactory
 from tools.models import ToolDefinition
 
@@ -32,13 +35,13 @@ BUDGETS = {
     "instances_credentialauditentry": 6,
     "instances_toolinstance": 6,
     "instances_uploadedfile": 7,
-    "instances_creditaccount": 4,
+    "credits_creditaccount": 4,
     "core_apitoken": 5,
     "auth_user": 6,
     "auth_group": 5,
     "executions_execution": 7,
     "executions_job": 5,
-    "executions_creditledgerentry": 5,
+    "credits_creditledgerentry": 5,
 }
 
 
@@ -119,9 +122,10 @@ def make_ledger(n: int, catalog: Callable) -> None:
     for _ in range(n):
         execution = _execution(catalog)
         account = credit_account_for(owner=execution.owner)
-        CreditLedgerEntry.objects.create(
-            account=account, kind="EXECUTION", amount=Decimal("-1"), execution=execution, created_by=execution.owner
+        entry = CreditLedgerEntry.objects.create(
+            account=account, kind="EXECUTION", amount=Decimal("-1"), created_by=execution.owner
         )
+        Execution.objects.filter(pk=execution.pk).update(ledger_entry=entry)
 
 
 CASES = {
@@ -130,13 +134,13 @@ CASES = {
     "instances_credentialauditentry": make_credentials,
     "instances_toolinstance": make_instances,
     "instances_uploadedfile": make_uploads,
-    "instances_creditaccount": make_accounts,
+    "credits_creditaccount": make_accounts,
     "core_apitoken": make_tokens,
     "auth_user": make_users,
     "auth_group": make_groups,
     "executions_execution": make_executions,
     "executions_job": make_jobs,
-    "executions_creditledgerentry": make_ledger,
+    "credits_creditledgerentry": make_ledger,
 }
 
 

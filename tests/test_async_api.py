@@ -27,12 +27,13 @@ from rest_framework.test import APIClient
 from rq import Queue
 
 from core.models import ApiToken
+from credits.models import CreditAccount
 from executions import events
 from executions.models import Execution, Job
 from executions.services import execution_enqueue
-from instances.models import CreditAccount, ToolInstance
+from instances.models import ToolInstance
 from instances.selectors import instance_list
-from instances.services import credential_create, instance_configure_credentials
+from instances.services.credentials import credential_create, instance_configure_credentials
 from tests.conftest import wait_for
 from tests.test_concurrency import run_together
 from tools.models import ToolDefinition

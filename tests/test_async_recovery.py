@@ -18,7 +18,8 @@ from django.conf import settings
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
-from executions.models import CreditLedgerEntry, Execution, Job
+from credits.models import CreditLedgerEntry
+from executions.models import Execution, Job
 from tests.conftest import wait_for
 from tests.test_async_worker import (
     TERMINAL,

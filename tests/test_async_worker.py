@@ -25,9 +25,10 @@ from rq.job import Job as RQJob
 from rq.job import JobStatus
 
 from core.models import ApiToken
-from executions.models import CreditLedgerEntry, Execution, Job
+from credits.models import CreditAccount, CreditLedgerEntry
+from executions.models import Execution, Job
 from executions.services import execution_enqueue
-from instances.models import CreditAccount, ToolInstance
+from instances.models import ToolInstance
 from tests.conftest import wait_for
 from tests.factories import UserFactory
 from tests.tools import attempts_key

@@ -18,7 +18,7 @@ from django.apps import apps
 from django.core.management import call_command
 
 from executions.models import Execution
-from instances.services import instance_create
+from instances.services.instances import instance_create
 from tests.tools import AsyncOnlyTool, GoogleSheetTool, NoopTool, PricedTool, SlowTool
 from tools import registry
 from tools.apps import _sync_after_migrate

@@ -20,8 +20,9 @@ from django.db.models import Sum
 from rest_framework.test import APIClient
 
 from core.models import ApiToken
-from executions.models import CreditLedgerEntry, Execution
-from instances.models import CreditAccount, ToolInstance
+from credits.models import CreditAccount, CreditLedgerEntry
+from executions.models import Execution
+from instances.models import ToolInstance
 from tools import registry
 from tools.models import ToolDefinition
 from tools.sdk import Tool
@@ -105,7 +106,7 @@ def _assert_books_balance(*, instance: ToolInstance, owner, expected_credits: De
     assert ledger.filter(kind=CreditLedgerEntry.Kind.EXECUTION).count() == runs
     assert ledger.aggregate(total=Sum("amount"))["total"] == -expected_credits
     # One entry per execution, never two for the same run.
-    assert set(ledger.values_list("execution_id", flat=True)) == set(executions.values_list("id", flat=True))
+    assert set(ledger.values_list("execution", flat=True)) == set(executions.values_list("id", flat=True))
 
 
 def test_fifty_concurrent_runs_of_a_priced_tool_keep_counters_balance_and_ledger_exact(user, token_key, make_instance):

@@ -21,8 +21,9 @@ from rest_framework.test import APIClient, APIRequestFactory
 from rest_framework.views import APIView
 
 from core.errors import ErrorCode, envelope
+from credits.models import CreditAccount
 from executions.models import Execution
-from instances.models import CreditAccount, ToolInstance
+from instances.models import ToolInstance
 from tools.models import ToolDefinition
 from tools.services import catalog_sync
 
@@ -242,7 +243,7 @@ def test_google_tool_without_a_mapped_account_asks_to_connect_google(api, make_i
 def test_draft_instance_whose_credentials_resolve_answers_instance_draft(api, make_instance, user):
     """A draft whose slots were mapped behind the service's back (it activates a draft once
     every slot is mapped) still refuses to run, in words, until it is activated."""
-    from instances.services import credential_create
+    from instances.services.credentials import credential_create
 
     instance = make_instance("test-google-sheet", owner=user)
     credential_create(owner=user, provider="google", kind="oauth2", secret={"access_token": "ya29.test-token"})
@@ -661,3 +662,17 @@ def test_an_action_item_without_the_instance_it_links_to_comes_without_a_link():
     body = envelope(ErrorCode.INSTANCE_DISABLED, {})
 
     assert [("url" in item) for item in body["metadata"]["action_items"]] == [False]
+
+
+def test_errors_carry_numbers_and_the_catalog_says_them_in_words():
+    short = envelope(
+        ErrorCode.INSUFFICIENT_CREDITS, {"tool": "JSON Transform", "needed": Decimal("0.0100"), "balance": Decimal("2")}
+    )
+    assert short["error_message"] == (
+        "You do not have enough credits to run JSON Transform: a run costs at least 0.01 and your balance is 2."
+    )
+    too_large = envelope(ErrorCode.FILE_TOO_LARGE, {"limit": 50 * 1024 * 1024}, metadata={"max_bytes": 52428800})
+    assert too_large["error_message"] == "This file is too large: uploads may be at most 50 MB."
+    assert too_large["metadata"]["max_bytes"] == 52428800
+    # Words already given pass through as they are.
+    assert envelope(ErrorCode.FILE_TOO_LARGE, {"limit": "1 KB"})["error_message"].endswith("at most 1 KB.")

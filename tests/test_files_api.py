@@ -22,8 +22,9 @@ from django.middleware.csrf import _get_new_csrf_string
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
+from core.words import bytes_words
 from instances.models import UploadedFile
-from instances.services import FileTooLarge, bytes_words, file_upload
+from instances.services.files import FileTooLarge, file_upload
 from tests.factories import PASSWORD
 
 pytestmark = pytest.mark.django_db

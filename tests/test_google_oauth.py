@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from instances.models import Credential
 from instances.oauth import oauth_refresh
-from instances.services import credential_create
+from instances.services.credentials import credential_create
 from tests.factories import UserFactory
 from tests.test_google_drive import CLIENT_ID, CLIENT_SECRET, FakeGoogle, connect_google, drive_instance, fake_google
 from tools.errors import CredentialExpired, UpstreamError

@@ -17,7 +17,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from executions.admin import EstimatedCountPaginator
+from core.admin_site import EstimatedCountPaginator
 from executions.models import Execution, Job, Mode
 from executions.page_selectors import cursor_of
 from instances.models import ToolInstance

@@ -31,8 +31,8 @@ from pytest_httpserver import HTTPServer
 from rest_framework.test import APIClient
 from werkzeug import Request, Response
 
+from credits.models import CreditAccount
 from executions.models import Execution, Job
-from instances.models import CreditAccount
 from tests.conftest import wait_for
 from tools import net
 from tools.builtin.http_request import HttpRequest, _auth_headers

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 from django.utils import timezone
 
+from credits.models import CreditAccount
 from executions.models import Execution, Job
 from executions.services import Outcome, execution_enqueue, execution_finish, job_claim, job_run
-from instances.models import CreditAccount, ToolInstance
+from instances.models import ToolInstance
 
 pytestmark = pytest.mark.django_db
 

@@ -22,9 +22,10 @@ from django.db import connection, connections
 from rest_framework.test import APIClient
 
 from core.models import ApiToken
-from executions.models import CreditLedgerEntry, Execution, Job
+from credits.models import CreditAccount, CreditLedgerEntry
+from executions.models import Execution, Job
 from executions.services import PROGRESS_WRITE_INTERVAL, JobProgress, Outcome, execution_finish, job_run, job_stop
-from instances.models import CreditAccount, ToolInstance
+from instances.models import ToolInstance
 from tests.conftest import wait_for
 from tests.job_events import Listener
 from tools import registry

@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 from rest_framework.test import APIClient
 
 from instances.models import ToolInstance
-from instances.services import instance_transition
+from instances.services.instances import instance_transition
 
 
 def seed_demo(*, base_url: str = "http://127.0.0.1:8000") -> dict[str, str]:

@@ -14,8 +14,9 @@ from django.conf import settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from executions.models import CreditLedgerEntry, Execution
-from instances.models import CreditAccount, ToolInstance
+from credits.models import CreditAccount, CreditLedgerEntry
+from executions.models import Execution
+from instances.models import ToolInstance
 from tools.models import ToolDefinition
 
 pytestmark = pytest.mark.django_db
@@ -166,7 +167,7 @@ def test_successful_run_debits_the_balance_once_with_one_ledger_entry(api, user)
     entry = entries.get()
     assert entry.amount == Decimal("-0.01")
     assert entry.kind == CreditLedgerEntry.Kind.EXECUTION
-    assert str(entry.execution_id) == body["execution_id"]
+    assert str(entry.execution.pk) == body["execution_id"]
 
 
 def test_tool_that_ran_and_failed_answers_200_with_success_false_and_the_execution_id(api, make_instance, user):

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from executions.models import CreditLedgerEntry, Execution
-from instances.models import Credential, CreditAccount, ToolInstance
-from instances.services import credential_create
+from credits.models import CreditAccount, CreditLedgerEntry
+from executions.models import Execution
+from instances.models import Credential, ToolInstance
+from instances.services.credentials import credential_create
 
 pytestmark = pytest.mark.django_db
 

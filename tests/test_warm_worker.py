@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from executions.models import Job
-from instances.services import credential_create, instance_configure_credentials
+from instances.services.credentials import credential_create, instance_configure_credentials
 from tests.conftest import wait_for
 from tests.test_async_recovery import running_process
 from tests.test_async_worker import (

@@ -16,7 +16,7 @@ from django.db import transaction
 
 from core.models import ApiToken
 from instances.models import ToolInstance
-from instances.services import instance_create, instance_transition
+from instances.services.instances import instance_create, instance_transition
 from tools.models import ToolDefinition
 
 ADMIN_USERNAME = "admin"

@@ -90,6 +90,7 @@ INSTALLED_APPS = [
     "django_rq",
     "core",
     "toolexec",
+    "credits",
     "tools",
     "instances",
     "executions",

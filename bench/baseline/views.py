@@ -11,8 +11,8 @@ Beside it, the same statements behind the two guards DESIGN.md asks of every API
   writes as the product's execute-sync, through the ORM on the bench's tables of the same shape
   (bench/models.py): the execution row inserted with the credit hold in one transaction (the
   insert alone, in autocommit, when there is nothing to hold, as ``execution_record_start``
-  does), then the outcome (a conditional update), the instance statistics (``F()``), the
-  settlement and the ledger entry in one transaction (``execution_finish``). Its price is the
+  does), then the ledger entry, the outcome that links it (a conditional update), the instance
+  statistics (``F()``) and the settlement in one transaction (``execution_finish``). Its price is the
   bench no-op tool's, so it writes exactly what the product writes for that tool."""
 
 import json
@@ -132,13 +132,19 @@ class FrameworkFloor(APIView):
         output = {"echo": inputs.get("echo")}  # the tool's work
         charge = self.tool.credits_for(Decimal("0"))
         duration_ms = int((timezone.now() - clock).total_seconds() * 1000)
-        # execution_finish: outcome, statistics, settlement and ledger entry, one transaction.
+        # execution_finish: the ledger entry, the outcome linking it, statistics and settlement,
+        # one transaction.
         finished = timezone.now()
+        outcome = {
+            "status": "COMPLETED", "output_data": output, "error_code": "", "error_message": "", "error_metadata": {},
+            "credits_consumed": charge, "finished_at": finished, "duration_ms": duration_ms,
+        }  # fmt: skip
         with transaction.atomic():
-            FloorExecution.objects.filter(pk=execution.pk, status__in=("PENDING", "RUNNING")).update(
-                status="COMPLETED", output_data=output, error_code="", error_message="", error_metadata={},
-                credits_consumed=charge, finished_at=finished, duration_ms=duration_ms,
-            )  # fmt: skip
+            if charge:
+                outcome["ledger_entry"] = FloorLedgerEntry.objects.create(
+                    account_id=owner_id, kind="EXECUTION", amount=-charge
+                )
+            FloorExecution.objects.filter(pk=execution.pk, status__in=("PENDING", "RUNNING")).update(**outcome)
             FloorInstance.objects.filter(pk=instance_id).update(
                 execution_count=F("execution_count") + 1,
                 success_count=F("success_count") + 1,
@@ -150,10 +156,6 @@ class FrameworkFloor(APIView):
             # credits_settle on a limited account (the product's fixture account is one).
             if difference := charge - hold:
                 account.update(balance=F("balance") - difference, updated_at=finished)
-            if charge:
-                FloorLedgerEntry.objects.create(
-                    account_id=owner_id, kind="EXECUTION", amount=-charge, execution_id=execution.pk
-                )
         return Response({"success": True, "data": output, "execution_id": str(execution.pk)})
 
 

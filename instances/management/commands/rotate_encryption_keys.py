@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from instances.services import credential_rotate_keys
+from instances.services.credentials import credential_rotate_keys
 
 
 class Command(BaseCommand):

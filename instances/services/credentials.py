@@ -1,164 +1,29 @@
-"""Instance management: create, update, delete, status transitions, credit accounts."""
+"""Credentials: create, update, delete, revoke, re-encrypt and test them, with an audit entry
+for each change; map them to an instance's slots; and, at run time, decrypt the ones a run
+resolved (refreshing OAuth tokens about to expire) and record what a tool found wrong with one."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
-import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
-from typing import IO, Any
+from typing import Any
 
-from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.files import File
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from core.errors import ErrorCode, ToolexecError
 from core.redaction import scrub, secrets_add
 from tools.errors import CredentialExpired, CredentialInvalid, InputInvalid
-from tools.models import ToolDefinition
-from tools.schemas import defaults_errors, nul_errors
+from tools.schemas import nul_errors
 
-from .crypto import SecretUnreadable, reseal
-from .models import Credential, CredentialAuditEntry, CreditAccount, ToolInstance, UploadedFile
-from .providers import provider_get, providers, reconnect_path
-
-
-class TransitionRefused(ToolexecError):
-    code = ErrorCode.INVALID_TRANSITION
-
-
-def credit_account_for(*, owner: AbstractBaseUser) -> CreditAccount:
-    """The owner's credit account, opened with TOOLEXEC_DEFAULT_CREDITS the first time."""
-    account, _ = CreditAccount.objects.get_or_create(
-        owner=owner, defaults={"balance": settings.TOOLEXEC_DEFAULT_CREDITS}
-    )
-    return account
-
-
-def credits_words(amount: Decimal) -> str:
-    """A credit amount as people write it: 0.01, 2, 99.5."""
-    return f"{amount.normalize():f}"
-
-
-def credits_balance(*, account: CreditAccount) -> Decimal:
-    return CreditAccount.objects.filter(pk=account.pk).values_list("balance", flat=True).get()
-
-
-def credits_hold(*, account: CreditAccount, amount: Decimal) -> int:
-    """Take ``amount`` off the balance if the balance covers it: a conditional update, so
-    concurrent holds never spend the same credits twice. Returns the rows changed: 0 when the
-    balance does not cover it (nothing is taken). The caller commits it with what it pays for."""
-    covered = CreditAccount.objects.filter(pk=account.pk, balance__gte=amount)
-    return covered.update(balance=F("balance") - amount, updated_at=timezone.now())
-
-
-def credits_settle(*, account: CreditAccount, held: Decimal, charge: Decimal) -> None:
-    """Turn a hold into the real charge: give back what was held beyond the charge, or take the
-    rest (usage beyond the hold may take the balance below zero; the work was done). No write
-    when there is nothing to move, and none on an unlimited account. The caller commits it with
-    the outcome it settles."""
-    difference = Decimal("0") if account.is_unlimited else charge - held
-    if difference:
-        CreditAccount.objects.filter(pk=account.pk).update(balance=F("balance") - difference, updated_at=timezone.now())
-
-
-def _check_config(tool: ToolDefinition, config: Any) -> dict[str, Any]:
-    if not isinstance(config, dict):
-        raise InputInvalid(
-            "config must be an object of default inputs.", field_errors={"config": ["Must be an object."]}
-        )
-    errors = nul_errors(config) or defaults_errors(tool.input_schema, config)
-    if errors:
-        raise InputInvalid(
-            "Some default inputs in config are not valid for this tool.",
-            field_errors={f"config.{path}" if path else "config": messages for path, messages in errors.items()},
-        )
-    return config
-
-
-def instance_config_check(*, tool: ToolDefinition, config: Any) -> dict[str, Any]:
-    """Raise INPUT_INVALID (with field errors) unless ``config`` holds valid default inputs of ``tool``."""
-    return _check_config(tool, config)
-
-
-@transaction.atomic
-def instance_create(
-    *,
-    owner: AbstractBaseUser,
-    tool: ToolDefinition,
-    name: str,
-    workflow_id: str = "",
-    config: dict[str, Any] | None = None,
-) -> ToolInstance:
-    """A new instance: ACTIVE when the tool needs no credentials, otherwise DRAFT until mapped."""
-    config = _check_config(tool, config or {})
-    status = ToolInstance.Status.DRAFT if tool.required_slots else ToolInstance.Status.ACTIVE
-    credit_account_for(owner=owner)
-    return ToolInstance.objects.create(
-        owner=owner, tool=tool, name=name, workflow_id=workflow_id, config=config, status=status
-    )
-
-
-def instance_update(*, instance: ToolInstance, **changes: Any) -> ToolInstance:
-    """Change name, workflow_id or config (status moves only through transitions)."""
-    allowed = {"name", "workflow_id", "config"}
-    unknown = set(changes) - allowed
-    if unknown:
-        raise ValueError(f"instance_update cannot change {sorted(unknown)}")
-    if "config" in changes:
-        _check_config(instance.tool, changes["config"])
-    for name, value in changes.items():
-        setattr(instance, name, value)
-    instance.save(update_fields=[*changes, "updated_at"])
-    return instance
-
-
-def instance_delete(*, instance: ToolInstance) -> None:
-    """Delete the instance; its executions stay in the history, detached from it."""
-    instance.delete()
-
-
-_TRANSITION_WORDS = {
-    ToolInstance.Status.ACTIVE: "activate",
-    ToolInstance.Status.DISABLED: "disable",
-    ToolInstance.Status.ERROR: "mark as failed",
-}
-
-
-def instance_transition(*, instance: ToolInstance, to: str, reason: str = "") -> ToolInstance:
-    """Move ``instance`` to status ``to`` if the move is allowed, with one conditional update."""
-    current = instance.status
-    verb = _TRANSITION_WORDS.get(to, f"move to {to}")
-    if current == to:
-        raise TransitionRefused(f"This instance is already {current.lower()}.")
-    if not instance.can_move_to(to):
-        raise TransitionRefused(f"An instance that is {current.lower()} cannot {verb}.")
-    if to == ToolInstance.Status.ACTIVE:
-        unmapped = [s["name"] for s in instance.tool.required_slots if not instance.credential_mappings.get(s["name"])]
-        if unmapped:
-            raise TransitionRefused(
-                f"This instance cannot be activated until its credentials are mapped: {', '.join(unmapped)}."
-            )
-    now = timezone.now()
-    moved = ToolInstance.objects.filter(pk=instance.pk, status=current).update(
-        status=to, status_reason=reason, updated_at=now
-    )
-    if not moved:
-        instance.refresh_from_db(fields=["status"])
-        raise TransitionRefused(f"The instance changed meanwhile; it is now {instance.status.lower()}.")
-    instance.status, instance.status_reason, instance.updated_at = to, reason, now
-    return instance
-
-
-# --- Credentials --------------------------------------------------------------------------
+from ..crypto import SecretUnreadable, reseal
+from ..models import Credential, CredentialAuditEntry, ToolInstance
+from ..providers import provider_get, providers, reconnect_path
+from ..selectors import as_uuid, credential_users
 
 # The secret's fields per kind (DESIGN.md §3): required, then optional.
 SECRET_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -295,25 +160,6 @@ def credential_update(*, credential: Credential, actor: AbstractBaseUser | None 
         credential.save(update_fields=fields)
         credential_audit(credential=credential, action=CredentialAuditEntry.Action.UPDATED, fields=changed, actor=actor)
     return credential
-
-
-def credential_users(*, credential: Credential) -> list[ToolInstance]:
-    """The owner's instances that would lose this credential if it went away: those pinning
-    it, and those mapping its provider when no other ACTIVE credential of it remains."""
-    others_of_provider = (
-        Credential.objects.filter(
-            owner_id=credential.owner_id, provider=credential.provider, status=Credential.Status.ACTIVE
-        )
-        .exclude(pk=credential.pk)
-        .exists()
-    )
-    users = []
-    for instance in ToolInstance.objects.filter(owner_id=credential.owner_id).order_by("name"):
-        for value in instance.credential_mappings.values():
-            if value == str(credential.pk) or (value == credential.provider and not others_of_provider):
-                users.append(instance)
-                break
-    return users
 
 
 def credential_delete(*, credential: Credential, actor: AbstractBaseUser | None = None) -> None:
@@ -466,7 +312,7 @@ def instance_configure_credentials(*, instance: ToolInstance, mappings: Any) -> 
             field_errors={"credential_mappings": ["Must be a non-empty object."]},
         )
     slots = {slot["name"]: slot for slot in instance.tool.credential_slots}
-    pinned_ids = {_as_uuid(v) for v in mappings.values() if isinstance(v, str)} - {None}
+    pinned_ids = {as_uuid(v) for v in mappings.values() if isinstance(v, str)} - {None}
     owned = {str(c.pk): c for c in Credential.objects.filter(owner_id=instance.owner_id, pk__in=pinned_ids)}
     errors: dict[str, list[str]] = {}
     for name, value in mappings.items():
@@ -479,8 +325,8 @@ def instance_configure_credentials(*, instance: ToolInstance, mappings: Any) -> 
             continue
         elif not isinstance(value, str) or not value:
             errors[path] = ["Must be a provider key or a credential id."]
-        elif _as_uuid(value) is not None:
-            credential = owned.get(str(_as_uuid(value)))
+        elif as_uuid(value) is not None:
+            credential = owned.get(str(as_uuid(value)))
             if credential is None:
                 errors[path] = ["You have no credential with this id."]
             elif credential.provider != slot["provider"]:
@@ -501,7 +347,7 @@ def instance_configure_credentials(*, instance: ToolInstance, mappings: Any) -> 
             if value is None:
                 merged.pop(name, None)
             else:
-                merged[name] = str(_as_uuid(value) or value)
+                merged[name] = str(as_uuid(value) or value)
         instance.credential_mappings = merged
         complete = all(merged.get(slot["name"]) for slot in instance.tool.required_slots)
         now = timezone.now()
@@ -512,13 +358,6 @@ def instance_configure_credentials(*, instance: ToolInstance, mappings: Any) -> 
     instance.status = updates.get("status", locked.status)
     instance.updated_at = now
     return instance
-
-
-def _as_uuid(value: Any) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
 
 
 # --- Run time -----------------------------------------------------------------------------
@@ -659,132 +498,3 @@ def credential_secret_fresh(*, credential: Credential, secret: dict[str, Any]) -
         return secret
     secrets_add(fresh)
     return fresh
-
-
-# --- Uploaded files -----------------------------------------------------------------------
-
-
-class FileTooLarge(ToolexecError):
-    code = ErrorCode.FILE_TOO_LARGE
-
-
-def file_too_large() -> FileTooLarge:
-    """FILE_TOO_LARGE, naming TOOLEXEC_MAX_UPLOAD_BYTES in words (and in bytes in the metadata)."""
-    limit = settings.TOOLEXEC_MAX_UPLOAD_BYTES
-    return FileTooLarge(limit=bytes_words(limit), metadata={"max_bytes": limit})
-
-
-def bytes_words(size: int) -> str:
-    """A size as people write it: 50 MB, 1.5 MB, 300 KB, 12 bytes (1 MB = 1,048,576 bytes)."""
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if size >= scale:
-            return f"{size / scale:.1f}".removesuffix(".0") + f" {unit}"
-    return f"{size} byte{'s' if size != 1 else ''}"
-
-
-class _MeteredFile(File):
-    """An upload as storage reads it: hashed and counted on the way, refused past ``limit``.
-
-    Without a ``temporary_file_path`` storage copies it chunk by chunk instead of moving the
-    temporary file, so every byte stored is a byte hashed.
-    """
-
-    def __init__(self, source: File, limit: int) -> None:
-        super().__init__(source, name=source.name)
-        self.source = source
-        self.limit = limit
-        self.digest = hashlib.sha256()
-        self.bytes_read = 0
-
-    def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
-        for chunk in self.source.chunks(chunk_size):
-            self.bytes_read += len(chunk)
-            if self.bytes_read > self.limit:
-                raise file_too_large()
-            self.digest.update(chunk)
-            yield chunk
-
-
-def file_upload(*, owner: AbstractBaseUser, uploaded: File) -> UploadedFile:
-    """Store an upload under a name made from its id and record it, with its size and SHA-256
-    computed while it streams to storage. Larger than TOOLEXEC_MAX_UPLOAD_BYTES raises
-    FILE_TOO_LARGE, and nothing is kept."""
-    limit = settings.TOOLEXEC_MAX_UPLOAD_BYTES
-    if (uploaded.size or 0) > limit:
-        raise file_too_large()
-    upload = UploadedFile(
-        owner=owner,
-        name=(uploaded.name or "").strip()[:255] or "upload",
-        content_type=(getattr(uploaded, "content_type", "") or "application/octet-stream")[:255],
-    )
-    storage = upload.file.storage
-    path = upload.file.field.generate_filename(upload, upload.name)  # made from the id alone
-    metered = _MeteredFile(uploaded, limit)
-    try:
-        stored = storage.save(path, metered)
-    except BaseException:
-        storage.delete(path)  # whatever part was written before the failure
-        raise
-    upload.file.name = stored
-    upload.size_bytes = metered.bytes_read
-    upload.sha256 = metered.digest.hexdigest()
-    try:
-        upload.save(force_insert=True)
-    except BaseException:
-        storage.delete(stored)
-        raise
-    return upload
-
-
-def file_delete(*, file: UploadedFile) -> None:
-    """Delete the record and, once that has committed, the stored bytes."""
-    storage, path = file.file.storage, file.file.name
-    file.delete()
-    transaction.on_commit(lambda: storage.delete(path))
-
-
-def file_meta(upload: UploadedFile) -> dict[str, Any]:
-    """What a tool is told about a file (never where it is stored)."""
-    return {
-        "id": str(upload.pk),
-        "name": upload.name,
-        "size_bytes": upload.size_bytes,
-        "content_type": upload.content_type,
-        "sha256": upload.sha256,
-    }
-
-
-NO_UPLOADED_FILE = "No uploaded file with this id."
-
-
-def file_open_for_run(*, owner_id: int, file_id: str) -> tuple[UploadedFile, IO[bytes]]:
-    """The owner's upload ``file_id`` and its bytes opened for reading (the caller closes them).
-
-    Raises INPUT_INVALID naming ``file_id`` when the owner has no such file, and when its
-    stored bytes are gone.
-    """
-    pk = _as_uuid(file_id)
-    upload = UploadedFile.objects.filter(owner_id=owner_id, pk=pk).first() if pk else None
-    if upload is None:
-        raise InputInvalid(
-            "There is no uploaded file with this id among your files. Upload it with POST /api/v1/files/ "
-            "and pass the id it returns.",
-            field_errors={"file_id": [NO_UPLOADED_FILE]},
-        )
-    try:
-        stream = upload.file.storage.open(upload.file.name, "rb")
-    except FileNotFoundError:
-        message = "The contents of this file are no longer stored. Upload it again and use the new id."
-        raise InputInvalid(message, field_errors={"file_id": [message]}) from None
-    return upload, stream
-
-
-def file_opener(*, owner_id: int) -> Callable[[str], tuple[dict[str, Any], IO[bytes]]]:
-    """What a run of ``owner_id``'s gets as ``ExecutionContext.files``: a file id in, the file's
-    metadata and its opened bytes out (see :func:`file_open_for_run`)."""
-
-    def open_file(file_id: str) -> tuple[dict[str, Any], IO[bytes]]:
-        upload, stream = file_open_for_run(owner_id=owner_id, file_id=file_id)
-        return file_meta(upload), stream
-
-    return open_file
