@@ -22,8 +22,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, transaction
-from django.db.models import F, Q, Value
+from django.db.models import F, Func, IntegerField, Q, Subquery, Value
 from django.db.models.functions import Coalesce
+from django.db.models.lookups import LessThan
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.command import send_stop_job_command
@@ -82,8 +83,24 @@ RUN = "executions.jobs.run"  # the RQ function of every toolexec job
 QUEUE_RECOVERY_BATCH = 100
 UNFINISHED = (Execution.Status.PENDING, Execution.Status.RUNNING)
 # What running a job touches, loaded with the job when it is claimed: its execution and tool,
-# its instance (readiness) and the instance's tool, its owner with their credit account.
-JOB_TO_RUN = ("execution__tool", "instance__tool", "owner__credit_account")
+# its instance (readiness; its tool is the execution's), its owner with their credit account.
+JOB_TO_RUN = ("execution__tool", "instance", "owner__credit_account")
+# Of those rows, the columns the run reads (readiness, the outcome, a retry, the terminal
+# event): not the recorded inputs and outputs, the tool's schemas or the instance's config.
+# Reading a column left out here costs a query of its own, which the claim's query budget
+# test (tests/test_job_claim.py) would catch.
+JOB_TO_RUN_FIELDS = (
+    *("id", "execution_id", "instance_id", "owner_id", "rq_job_id", "status", "progress", "current_step"),
+    *("step_index", "steps_total", "attempts", "max_attempts", "sealed_inputs", "attempt_log", "worker_name"),
+    *("started_at", "enqueued_at", "run_after", "updated_at"),
+    *("execution__tool_id", "execution__instance_id", "execution__status", "execution__started_at"),
+    "execution__credits_held",
+    *("execution__tool__slug", "execution__tool__name", "execution__tool__timeout_seconds", "execution__tool__modes"),
+    *("execution__tool__credential_slots", "execution__tool__base_credits", "execution__tool__credits_per_unit"),
+    *("execution__tool__is_active", "execution__tool__is_available"),
+    *("instance__owner_id", "instance__tool_id", "instance__status", "instance__credential_mappings"),
+    *("owner__id", "owner__credit_account__balance", "owner__credit_account__is_unlimited"),
+)
 
 
 class JobFinished(ToolexecError):
@@ -640,46 +657,54 @@ def job_claim(*, job_id: str, worker_name: str) -> Job | None:
     (TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER): then the job waits for a later turn. Returns the
     claimed job, loaded with what running it needs (``JOB_TO_RUN``), or None.
 
-    One transaction. Claims of one owner's jobs take turns on a lock on the owner's row, held
-    until the claim commits, so two workers can't both take the owner's last place: the count
-    runs after the lock is granted, so it sees every claim committed before. (SQLite locks no
-    rows; it has one writer at a time anyway.)
+    One transaction of three statements: the load, which locks the job's row and its owner's;
+    the claim, an update conditional on the owner's running jobs being fewer than their share;
+    the execution's start. The owner's lock makes claims of one owner's jobs take turns until
+    each commits, so two workers can't both take the owner's last place: the count in the
+    claim runs after the lock is granted, so it sees every claim committed before. The job's
+    lock means that a claim that changed nothing found the owner at their share. (SQLite locks
+    no rows; it has one writer at a time, and a job that moved meanwhile is not queued again.)
     """
     now = timezone.now()
     share = settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER
     with transaction.atomic():
+        loading = (
+            Job.objects.select_related(*JOB_TO_RUN)
+            .only(*JOB_TO_RUN_FIELDS)
+            .select_for_update(no_key=True, of=("self", "owner"))
+        )
         try:
-            job = Job.objects.select_related(*JOB_TO_RUN).select_for_update(no_key=True, of=("owner",)).get(pk=job_id)
+            job = loading.get(pk=job_id)
         except Job.DoesNotExist:
             return None
         if job.status != Job.Status.QUEUED:
             return None  # a duplicate delivery of a job already claimed or ended
-        waits = Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING).count() >= share
-        claimed = False
-        if not waits:
-            # A count of 0: the job moved meanwhile (a reaper, a cancel); nothing to claim.
-            claimed = bool(
-                Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
-                    status=Job.Status.RUNNING,
-                    worker_name=worker_name[:200],
-                    attempts=F("attempts") + 1,
-                    started_at=now,
-                    heartbeat_at=now,
-                    updated_at=now,
-                )
-            )
+        running = (
+            Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING)
+            .order_by()
+            .values(count=Func("pk", function="COUNT", output_field=IntegerField()))
+        )
+        claimed = Job.objects.filter(LessThan(Subquery(running), share), pk=job.pk, status=Job.Status.QUEUED).update(
+            status=Job.Status.RUNNING,
+            worker_name=worker_name[:200],
+            attempts=F("attempts") + 1,
+            started_at=now,
+            heartbeat_at=now,
+            updated_at=now,
+        )
         if claimed:
             Execution.objects.filter(pk=job.execution_id).update(
                 status=Execution.Status.RUNNING, started_at=Coalesce("started_at", Value(now))
             )
-    if waits:
-        _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS)
     if not claimed:
+        _job_requeue(job, delay=FAIRNESS_RETRY_SECONDS)
         return None
     job.status, job.worker_name, job.attempts = Job.Status.RUNNING, worker_name[:200], job.attempts + 1
     job.started_at = job.heartbeat_at = job.updated_at = now
     job.execution.status = Execution.Status.RUNNING
     job.execution.started_at = job.execution.started_at or now
+    if job.instance is not None:
+        job.instance.tool = job.execution.tool  # an instance's tool never changes
     events.publish(str(job.pk), {"event": "state", "status": Job.Status.RUNNING, "progress": job.progress})
     return job
 
