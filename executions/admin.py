@@ -31,7 +31,8 @@ from instances.models import CreditAccount
 
 from . import events
 from .models import CreditLedgerEntry, Execution, Job
-from .services import credits_adjust, job_cancel, job_retry_as_new
+from .services.control import job_cancel, job_retry_as_new
+from .services.credits import credits_adjust
 
 LEDGER_INLINE_LIMIT = 50
 

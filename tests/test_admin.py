@@ -18,7 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from executions.models import CreditLedgerEntry, Execution, Job
-from executions.services import execution_enqueue
+from executions.services.enqueue import execution_enqueue
 from instances.models import Credential, CredentialAuditEntry, CreditAccount, ToolInstance
 from instances.services import credential_create, credit_account_for, instance_configure_credentials
 from tests.factories import PASSWORD, UserFactory

@@ -29,7 +29,7 @@ from rq import Queue
 from core.models import ApiToken
 from executions import events
 from executions.models import Execution, Job
-from executions.services import execution_enqueue
+from executions.services.enqueue import execution_enqueue
 from instances.models import CreditAccount, ToolInstance
 from instances.selectors import instance_list
 from instances.services import credential_create, instance_configure_credentials

@@ -26,7 +26,7 @@ from rq.job import JobStatus
 
 from core.models import ApiToken
 from executions.models import CreditLedgerEntry, Execution, Job
-from executions.services import execution_enqueue
+from executions.services.enqueue import execution_enqueue
 from instances.models import CreditAccount, ToolInstance
 from tests.conftest import wait_for
 from tests.factories import UserFactory

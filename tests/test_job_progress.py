@@ -23,7 +23,9 @@ from rest_framework.test import APIClient
 
 from core.models import ApiToken
 from executions.models import CreditLedgerEntry, Execution, Job
-from executions.services import PROGRESS_WRITE_INTERVAL, JobProgress, Outcome, execution_finish, job_run, job_stop
+from executions.services.control import job_stop
+from executions.services.jobs import PROGRESS_WRITE_INTERVAL, JobProgress, job_run
+from executions.services.runs import Outcome, execution_finish
 from instances.models import CreditAccount, ToolInstance
 from tests.conftest import wait_for
 from tests.job_events import Listener

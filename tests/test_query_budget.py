@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from core.models import ApiToken
 from executions.models import Execution
-from executions.services import execution_run_sync
+from executions.services.sync import execution_run_sync
 from instances.models import ToolInstance
 from instances.selectors import instance_list
 from tests.factories import UserFactory
@@ -271,7 +271,7 @@ def _sql(captured: CaptureQueriesContext) -> str:
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_runs_a_free_job_within_its_budget(api, user, make_instance):
     from executions.models import Job
-    from executions.services import job_run
+    from executions.services.jobs import job_run
 
     instance = make_instance("test-noop", owner=user)
     job_id = api.post(f"/api/v1/instances/{instance.pk}/execute-async", {}, format="json").json()["job_id"]
