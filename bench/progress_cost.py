@@ -33,7 +33,8 @@ def one_job(instance: Any, *, progress: bool, stats: PgStats, spread: float = 0)
     from django.db import connection, connections
 
     from executions.models import Job
-    from executions.services import execution_enqueue, job_run
+    from executions.services.enqueue import execution_enqueue
+    from executions.services.jobs import job_run
 
     inputs = {"n": N, "progress": progress, "spread_seconds": spread}
     job = execution_enqueue(instance=instance, inputs=inputs).job

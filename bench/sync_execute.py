@@ -138,10 +138,11 @@ PHASES = (
     ("rest_framework.views", "APIView", "perform_authentication", "authentication (token, user, instance: 1 query)"),
     ("rest_framework.views", "APIView", "check_throttles", "throttles (Redis)"),
     ("executions.api", "InstanceRunViewSet", "get_object", "instance (its own query)"),
-    ("executions.services", None, "execution_prepare", "readiness + input validation"),
-    ("executions.services", None, "execution_record_start", "record the attempt (INSERT)"),
-    ("executions.services", None, "_run_with_time_limit", "run the tool in its thread"),
-    ("executions.services", None, "execution_finish", "record the outcome (one transaction: execution, instance)"),
+    # Wrapped where the sync run looks them up (executions.services.sync imports them by name).
+    ("executions.services.sync", None, "execution_prepare", "readiness + input validation"),
+    ("executions.services.sync", None, "execution_record_start", "record the attempt (INSERT)"),
+    ("executions.services.sync", None, "run_with_time_limit", "run the tool in its thread"),
+    ("executions.services.sync", None, "execution_finish", "record the outcome (one transaction: execution, instance)"),
 )
 
 

@@ -286,7 +286,7 @@ def product_token(instance: Any) -> str:
 def product_enqueue(instance: Any, key: str, count: int, *, rss: bool = False) -> list[str]:
     """``count`` jobs accepted with the service execute-async calls (``execution_enqueue``),
     in this process; their RQ ids."""
-    from executions.services import execution_enqueue
+    from executions.services.enqueue import execution_enqueue
 
     inputs = {"key": key, "rss": True} if rss else {"key": key}
     return [execution_enqueue(instance=instance, inputs=inputs).job.rq_job_id for _ in range(count)]

@@ -23,7 +23,7 @@ from core.redaction import redact
 
 from . import events
 from .models import Execution, Job
-from .services import job_cancel, job_retry_as_new
+from .services.control import job_cancel, job_retry_as_new
 
 
 def pretty_json(value: Any) -> SafeString:

@@ -25,8 +25,11 @@ from instances.models import ToolInstance
 from instances.selectors import instance_list
 
 from .models import Execution, Job, Mode
-from .selectors import execution_list, job_list, utc_day
-from .services import execution_enqueue, execution_run_sync, job_cancel, job_check_alive, job_progress
+from .selectors import execution_list, job_list, job_progress, utc_day
+from .services.control import job_cancel
+from .services.enqueue import execution_enqueue
+from .services.recovery import job_check_alive
+from .services.sync import execution_run_sync
 from .streams import job_event_stream
 
 

@@ -3,7 +3,8 @@
 from django.db import close_old_connections
 from rq import get_current_job
 
-from .services import job_run, jobs_reap
+from .services.jobs import job_run
+from .services.recovery import jobs_reap
 
 
 def run(job_id: str) -> None:

@@ -35,7 +35,11 @@ from tools.sdk import ASYNC
 from . import page_selectors as select
 from .models import Execution, Job
 from .page_forms import ExecutionFilterForm, TryItForm
-from .services import execution_enqueue, execution_run_sync, job_cancel, job_check_alive, job_progress
+from .selectors import job_progress
+from .services.control import job_cancel
+from .services.enqueue import execution_enqueue
+from .services.recovery import job_check_alive
+from .services.sync import execution_run_sync
 from .streams import job_event_stream
 
 TABLE_ROWS_SHOWN = 200

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from . import events
 from .models import Job
-from .services import job_state
+from .selectors import job_state
 
 KEEPALIVE_SECONDS = 15.0
 MAX_STREAM_SECONDS = 3600.0

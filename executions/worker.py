@@ -59,7 +59,8 @@ from rq.worker import SimpleWorker
 
 from . import jobs  # noqa: F401 - the jobs' entry points, imported once by the supervisor for every process
 from .models import Job
-from .services import RUN, job_process_lost, job_timed_out, jobs_heartbeat, jobs_reap
+from .services.queueing import RUN
+from .services.recovery import job_process_lost, job_timed_out, jobs_heartbeat, jobs_reap
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from django.utils import timezone
 from credits.models import CreditAccount, CreditLedgerEntry
 from credits.services import credit_account_for
 from executions.models import Execution, Job
-from executions.services import execution_enqueue, execution_run_sync
+from executions.services.enqueue import execution_enqueue
+from executions.services.sync import execution_run_sync
 from instances.models import Credential, CredentialAuditEntry, ToolInstance
 from instances.services.credentials import credential_create, instance_configure_credentials
 from tests.factories import PASSWORD, UserFactory

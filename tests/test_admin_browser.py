@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from executions.models import Job
-from executions.services import execution_enqueue
+from executions.services.enqueue import execution_enqueue
 from instances.models import Credential, ToolInstance
 from tests.browser import chromium
 from tests.conftest import wait_for

@@ -30,7 +30,7 @@ from core.models import ApiToken
 from credits.models import CreditAccount
 from executions import events
 from executions.models import Execution, Job
-from executions.services import execution_enqueue
+from executions.services.enqueue import execution_enqueue
 from instances.models import ToolInstance
 from instances.selectors import instance_list
 from instances.services.credentials import credential_create, instance_configure_credentials

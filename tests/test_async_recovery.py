@@ -279,7 +279,8 @@ def test_a_lost_job_of_a_tool_that_allows_it_is_retried_and_completes(api, user,
 def test_a_job_never_ends_alone_when_its_execution_has_already_ended(api, user, make_instance):
     """The outcome ends the job only with its execution, in one transaction, so the two rows
     can't disagree (execution_finish)."""
-    from executions.services import Outcome, execution_finish, job_claim
+    from executions.services.jobs import job_claim
+    from executions.services.runs import Outcome, execution_finish
 
     instance = make_instance("test-noop", owner=user)
     job = Job.objects.get(pk=start_async(api, instance, {})["job_id"])

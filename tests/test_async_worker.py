@@ -27,7 +27,7 @@ from rq.job import JobStatus
 from core.models import ApiToken
 from credits.models import CreditAccount, CreditLedgerEntry
 from executions.models import Execution, Job
-from executions.services import execution_enqueue
+from executions.services.enqueue import execution_enqueue
 from instances.models import ToolInstance
 from tests.conftest import wait_for
 from tests.factories import UserFactory

@@ -247,7 +247,8 @@ def test_workers_claiming_one_owners_jobs_at_once_run_exactly_their_share(user, 
     """Claims of one owner's jobs take their turns (a lock on the owner, then the count and the
     claim: executions.services.job_claim), so exactly the share runs and the rest wait."""
     from executions.models import Job
-    from executions.services import execution_enqueue, job_run
+    from executions.services.enqueue import execution_enqueue
+    from executions.services.jobs import job_run
 
     settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER = 2
     registry.register(_OverlapProbeTool)
@@ -286,7 +287,8 @@ def test_a_claim_waits_for_the_owners_lock_and_counts_the_claim_made_under_it(us
     from django.db import transaction
 
     from executions.models import Job
-    from executions.services import execution_enqueue, job_claim
+    from executions.services.enqueue import execution_enqueue
+    from executions.services.jobs import job_claim
 
     settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER = 1
     instance = make_instance("test-noop", owner=user)

@@ -25,7 +25,7 @@ from rest_framework.test import APIClient
 from werkzeug import Request, Response
 
 from executions.models import Execution, Job
-from executions.services import job_run
+from executions.services.jobs import job_run
 from instances.models import Credential
 from tests.conftest import wait_for
 from tests.job_events import Listener

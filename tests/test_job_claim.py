@@ -11,7 +11,9 @@ from django.utils import timezone
 
 from credits.models import CreditAccount
 from executions.models import Execution, Job
-from executions.services import Outcome, execution_enqueue, execution_finish, job_claim, job_run
+from executions.services.enqueue import execution_enqueue
+from executions.services.jobs import job_claim, job_run
+from executions.services.runs import Outcome, execution_finish
 from instances.models import ToolInstance
 
 pytestmark = pytest.mark.django_db

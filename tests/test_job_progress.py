@@ -24,7 +24,9 @@ from rest_framework.test import APIClient
 from core.models import ApiToken
 from credits.models import CreditAccount, CreditLedgerEntry
 from executions.models import Execution, Job
-from executions.services import PROGRESS_WRITE_INTERVAL, JobProgress, Outcome, execution_finish, job_run, job_stop
+from executions.services.control import job_stop
+from executions.services.jobs import PROGRESS_WRITE_INTERVAL, JobProgress, job_run
+from executions.services.runs import Outcome, execution_finish
 from instances.models import ToolInstance
 from tests.conftest import wait_for
 from tests.job_events import Listener

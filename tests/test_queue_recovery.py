@@ -34,7 +34,8 @@ from rq.registry import DeferredJobRegistry, ScheduledJobRegistry, StartedJobReg
 
 from executions import events
 from executions.models import Job
-from executions.services import _job_requeue_lost, job_claim, job_retry, jobs_reap, jobs_requeue_lost
+from executions.services.jobs import job_claim, job_retry
+from executions.services.recovery import job_requeue_lost, jobs_reap, jobs_requeue_lost
 from tests.conftest import wait_for
 from tests.test_async_worker import assert_books_consistent, job_row, start_async, wait_status
 from tests.test_settings import _manage
@@ -140,7 +141,7 @@ def scheduled_at(private_redis: PrivateRedis, rq_job_id: str) -> float | None:
 
 
 def warnings_logged(caplog: Any) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "executions.services"]
+    return [record.getMessage() for record in caplog.records if record.name.startswith("executions.services.")]
 
 
 # --- with real workers: Redis killed and started again empty ----------------------------------
@@ -383,8 +384,8 @@ def test_a_lost_job_two_reapers_find_at_once_is_queued_again_once(api, counted, 
     # Both read the row before either wrote it.
     first, second = (Job.objects.select_related("execution__tool").get(pk=job_id) for _ in range(2))
 
-    assert _job_requeue_lost(first, rq_status="") is True
-    assert _job_requeue_lost(second, rq_status="") is False
+    assert job_requeue_lost(first, rq_status="") is True
+    assert job_requeue_lost(second, rq_status="") is False
 
     assert private_redis.queue().job_ids == [job_id]
     assert len(queue_lost_entries(job_id)) == 1
@@ -396,7 +397,7 @@ def test_a_leftover_rq_job_that_expired_after_the_check_is_no_obstacle(api, coun
     job = Job.objects.select_related("execution__tool").get(pk=job_id)
     private_redis.client().flushall()  # the finished run's hash the reaper saw has expired since
 
-    assert _job_requeue_lost(job, rq_status=JobStatus.FINISHED.value) is True
+    assert job_requeue_lost(job, rq_status=JobStatus.FINISHED.value) is True
 
     assert private_redis.queue().job_ids == [job_id]
     assert len(queue_lost_entries(job_id)) == 1

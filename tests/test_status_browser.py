@@ -24,7 +24,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from executions import events
 from executions.models import Execution, Job, Mode
-from executions.services import execution_enqueue, execution_run_sync, job_state
+from executions.selectors import job_state
+from executions.services.enqueue import execution_enqueue
+from executions.services.sync import execution_run_sync
 from instances.selectors import instance_list
 from tests.browser import chromium
 from tests.factories import PASSWORD

@@ -21,7 +21,8 @@ from executions import page_selectors as select
 from executions import pages
 from executions.models import Execution, Job, Mode
 from executions.page_forms import TryItForm
-from executions.services import execution_enqueue, job_claim
+from executions.services.enqueue import execution_enqueue
+from executions.services.jobs import job_claim
 from instances.models import ToolInstance
 from instances.selectors import instance_list
 from tests.conftest import POSTGRES_AVAILABLE

@@ -637,7 +637,7 @@ def test_capabilities_list_the_credential_slots_of_a_tool_that_needs_an_account(
 def recorded_start(make_instance, user, tool: str = "test-priced", balance: str = "5") -> tuple[Execution, Any]:
     """A sync run recorded as started: its minimum price held (0.01 for test-priced)."""
     from executions.models import Mode
-    from executions.services import execution_record_start
+    from executions.services.runs import execution_record_start
 
     account, _ = CreditAccount.objects.update_or_create(owner=user, defaults={"balance": Decimal(balance)})
     instance = make_instance(tool, owner=user)
@@ -656,7 +656,7 @@ def statistics_of(execution: Execution) -> tuple:
 
 
 def finish(execution: Execution, account: Any, status: str, *, credits: str = "0", duration_ms: int = 1, **kw) -> bool:
-    from executions.services import Outcome, execution_finish
+    from executions.services.runs import Outcome, execution_finish
 
     outcome = Outcome(status, credits=Decimal(credits), **kw)
     return execution_finish(execution=execution, outcome=outcome, duration_ms=duration_ms, account=account)
@@ -664,7 +664,7 @@ def finish(execution: Execution, account: Any, status: str, *, credits: str = "0
 
 def test_a_hold_the_balance_does_not_cover_records_nothing(make_instance, user):
     from executions.models import Mode
-    from executions.services import execution_record_start
+    from executions.services.runs import execution_record_start
     from tools.errors import InsufficientCredits
 
     CreditAccount.objects.update_or_create(owner=user, defaults={"balance": Decimal("0.001")})

@@ -23,7 +23,7 @@ from rq.job import Job as RQJob
 from rq.job import JobStatus
 
 from executions.models import Execution, Job
-from executions.services import execution_enqueue
+from executions.services.enqueue import execution_enqueue
 from tests.conftest import wait_for
 from tests.test_async_worker import alive
 from tools.models import ToolDefinition

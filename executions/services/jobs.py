@@ -1,0 +1,383 @@
+"""A worker's side of an async run: the claim, the tool's run with its progress sink, the
+outcome, a retry, a wait for the owner's fair share."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, connections, transaction
+from django.db.models import F, Func, IntegerField, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.db.models.lookups import LessThan
+from django.utils import timezone
+from redis.exceptions import RedisError
+from rq.timeouts import JobTimeoutException
+
+from core.errors import ErrorCode, ToolexecError, envelope
+from core.redaction import secrets_in_play
+from credits.models import CreditAccount
+from instances.crypto import unseal
+from instances.readiness import Readiness, readiness_check
+from instances.services.credentials import credentials_resolve
+from instances.services.files import file_opener
+from tools import registry
+from tools.errors import Cancelled, ToolTimeout, ToolUnavailable
+from tools.sdk import ExecutionContext, Tool
+
+from .. import events
+from ..models import Execution, Job
+from ..selectors import job_progress
+from .queueing import rq_enqueue
+from .runs import STATUS_FOR_ERROR, Outcome, credential_refresher, execution_finish, outcome_of
+
+logger = logging.getLogger(__name__)
+
+
+# Seconds between a job's progress writes to the database (Redis carries every change at once);
+# the last report is written with the outcome, so a run writes its Job row at most once a second
+# plus the claim and the outcome.
+PROGRESS_WRITE_INTERVAL = 1.0
+
+
+FAIRNESS_RETRY_SECONDS = 2.0  # an owner over their running-jobs share is looked at again after this
+
+
+# What running a job touches, loaded with the job when it is claimed: its execution and tool,
+# its instance (readiness; its tool is the execution's), its owner with their credit account.
+JOB_TO_RUN = ("execution__tool", "instance", "owner__credit_account")
+
+
+# Of those rows, the columns the run reads (readiness, the outcome, a retry, the terminal
+# event): not the recorded inputs and outputs, the tool's schemas or the instance's config.
+# Reading a column left out here costs a query of its own, which the claim's query budget
+# test (tests/test_job_claim.py) would catch.
+JOB_TO_RUN_FIELDS = (
+    *("id", "execution_id", "instance_id", "owner_id", "rq_job_id", "status", "progress", "current_step"),
+    *("step_index", "steps_total", "attempts", "max_attempts", "sealed_inputs", "attempt_log", "worker_name"),
+    *("started_at", "enqueued_at", "run_after", "updated_at"),
+    *("execution__tool_id", "execution__instance_id", "execution__status", "execution__started_at"),
+    "execution__credits_held",
+    *("execution__tool__slug", "execution__tool__name", "execution__tool__timeout_seconds", "execution__tool__modes"),
+    *("execution__tool__credential_slots", "execution__tool__base_credits", "execution__tool__credits_per_unit"),
+    *("execution__tool__is_active", "execution__tool__is_available"),
+    *("instance__owner_id", "instance__tool_id", "instance__status", "instance__credential_mappings"),
+    *("owner__id", "owner__credit_account__balance", "owner__credit_account__is_unlimited"),
+)
+
+
+class RefusedAtStart(Exception):
+    """A queued job found its tool or credentials unusable when its turn came."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body["error_message"])
+        self.body = body
+
+
+class JobProgress:
+    """The progress sink of a running job. Every change is published at once; the database
+    gets the latest report from a writer thread, at most once every ``interval`` seconds
+    counted from the claim (which wrote the row), so a tool that reports and then blocks for a
+    while still shows its report within a second. The latest report also goes out with the
+    outcome (:meth:`take`), so the row and the terminal event agree on it."""
+
+    def __init__(self, job: Job, interval: float = PROGRESS_WRITE_INTERVAL) -> None:
+        self.job_id = str(job.pk)
+        self.interval = interval
+        self._last_write = time.monotonic()
+        self._pending: dict[str, Any] | None = None
+        self._latest: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._reported = threading.Event()
+        self._ended = threading.Event()
+        self._writer: threading.Thread | None = None
+
+    def __call__(self, percent: int, step: str, step_index: int | None, steps_total: int | None) -> None:
+        state = {"progress": percent, "current_step": step[:300], "step_index": step_index, "steps_total": steps_total}
+        events.publish(self.job_id, {"event": "progress", "status": Job.Status.RUNNING, **state})
+        with self._lock:
+            self._pending = self._latest = state
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_latest, name=f"progress-{self.job_id}", daemon=True)
+            self._writer.start()
+        else:
+            self._reported.set()
+
+    def _write_latest(self) -> None:
+        try:
+            while not self._ended.wait(max(0.0, self._last_write + self.interval - time.monotonic())):
+                self._reported.clear()
+                if self._pending is None:
+                    self._reported.wait()  # the next report, or the end
+                    if self._ended.is_set():
+                        break
+                try:
+                    self.flush()
+                except DatabaseError:
+                    logger.warning("could not write the progress of job %s", self.job_id, exc_info=True)
+        finally:
+            connections.close_all()  # this thread's own connection
+
+    def flush(self) -> None:
+        """Write the latest report now, if there is one not yet written."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        now = timezone.now()
+        # Progress never goes down, and a job that already ended is left alone.
+        Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING, progress__lte=pending["progress"]).update(
+            **pending, heartbeat_at=now, updated_at=now
+        )
+        self._last_write = time.monotonic()
+
+    def take(self) -> dict[str, Any]:
+        """Stop the writer and return the latest report (empty if none), written or not, for
+        the outcome's own update: the row and the terminal event then agree on it."""
+        self._ended.set()
+        self._reported.set()
+        if self._writer is not None:
+            self._writer.join()
+        with self._lock:
+            self._pending = None
+            return dict(self._latest)
+
+
+# What a job's run needs from its check: the tool's class, the inputs, the readiness.
+Checked = tuple[type[Tool], dict[str, Any], Readiness]
+
+
+def job_run(*, job_id: str, worker_name: str = "") -> None:
+    """The worker's side of an async run: claim and check the job, run the tool, record the
+    outcome once.
+
+    A job that is gone, already claimed, cancelled or finished is left alone (a duplicate
+    delivery runs nothing). An owner already running their share waits for a later turn.
+    """
+    job = job_claim(job_id=job_id, worker_name=worker_name)
+    if job is None:
+        return
+    execution, definition = job.execution, job.execution.tool
+    params = {"tool": definition.name, "instance_id": str(job.instance_id or "")}
+    account = getattr(job.owner, "credit_account", None)
+    started = time.monotonic()
+    try:
+        tool_class, inputs, readiness = job_check(job)
+        tool, resolved = tool_class(), credentials_resolve(credentials=readiness.credentials)
+    except RefusedAtStart as refused:
+        job_end(job, Outcome(Execution.Status.FAILED, error=refused.body), 0, account)
+        return
+    except ToolexecError as exc:
+        status = STATUS_FOR_ERROR.get(exc.code, Execution.Status.FAILED)
+        job_end(job, Outcome(status, error=exc.envelope(params)), 0, account)
+        return
+    except Exception:  # ours, not the tool's (inputs that no longer open, say): end it now, not at the reaper
+        logger.exception("Job %s could not start", job.pk)
+        job_end(job, Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.INTERNAL_ERROR, params)), 0, account)
+        return
+    ctx = ExecutionContext(
+        execution_id=str(execution.pk),
+        tool_slug=definition.slug,
+        credentials={slot: r.secret for slot, r in resolved.items()},
+        credential_info={slot: r.metadata for slot, r in resolved.items()},
+        refresher=credential_refresher(resolved),
+        files=file_opener(owner_id=job.owner_id),
+        deadline=time.monotonic() + definition.timeout_seconds,
+        timeout_seconds=definition.timeout_seconds,
+        progress_sink=JobProgress(job),
+        cancel_probe=events.CancelProbe(str(job.pk)),
+    )
+    with secrets_in_play(r.secret for r in resolved.values()):
+        try:
+            result: Any = tool.run(inputs, ctx)
+        except JobTimeoutException:
+            result = ToolTimeout(seconds=definition.timeout_seconds)
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes the run's outcome
+            result = exc
+        finally:
+            cancel_death_penalty()
+        last_report = ctx.progress_sink.take()  # type: ignore[union-attr]
+        outcome = outcome_of(result, ctx, tool, params, resolved)
+        # A failure's traceback holds the tool's frames (inputs, credentials), and this frame,
+        # which holds the failure: a cycle the garbage collector would free at some later time.
+        # The worker process goes on to other owners' jobs, so it is broken now.
+        result = None
+    duration_ms = int((time.monotonic() - started) * 1000)
+    code = (outcome.error or {}).get("error_code")
+    if code in tool.retry_on and job.attempts < job.max_attempts:
+        job_retry(job=job, error=outcome.error or {}, delay=tool.retry_backoff_seconds * 2 ** (job.attempts - 1))
+        return
+    job_end(job, outcome, duration_ms, account, last_report)
+
+
+def job_claim(*, job_id: str, worker_name: str) -> Job | None:
+    """QUEUED → RUNNING with its execution, unless the owner already runs their share of jobs
+    (TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER): then the job waits for a later turn. Returns the
+    claimed job, loaded with what running it needs (``JOB_TO_RUN``), or None.
+
+    One transaction of three statements: the load, which locks the job's row and its owner's;
+    the claim, an update conditional on the owner's running jobs being fewer than their share;
+    the execution's start. The owner's lock makes claims of one owner's jobs take turns until
+    each commits, so two workers can't both take the owner's last place: the count in the
+    claim runs after the lock is granted, so it sees every claim committed before. The job's
+    lock means that a claim that changed nothing found the owner at their share. (SQLite locks
+    no rows; it has one writer at a time, and a job that moved meanwhile is not queued again.)
+    """
+    now = timezone.now()
+    share = settings.TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER
+    with transaction.atomic():
+        loading = (
+            Job.objects.select_related(*JOB_TO_RUN)
+            .only(*JOB_TO_RUN_FIELDS)
+            .select_for_update(no_key=True, of=("self", "owner"))
+        )
+        try:
+            job = loading.get(pk=job_id)
+        except Job.DoesNotExist:
+            return None
+        if job.status != Job.Status.QUEUED:
+            return None  # a duplicate delivery of a job already claimed or ended
+        running = (
+            Job.objects.filter(owner_id=job.owner_id, status=Job.Status.RUNNING)
+            .order_by()
+            .values(count=Func("pk", function="COUNT", output_field=IntegerField()))
+        )
+        claimed = Job.objects.filter(LessThan(Subquery(running), share), pk=job.pk, status=Job.Status.QUEUED).update(
+            status=Job.Status.RUNNING,
+            worker_name=worker_name[:200],
+            attempts=F("attempts") + 1,
+            started_at=now,
+            heartbeat_at=now,
+            updated_at=now,
+        )
+        if claimed:
+            Execution.objects.filter(pk=job.execution_id).update(
+                status=Execution.Status.RUNNING, started_at=Coalesce("started_at", Value(now))
+            )
+    if not claimed:
+        job_wait_turn(job, delay=FAIRNESS_RETRY_SECONDS)
+        return None
+    job.status, job.worker_name, job.attempts = Job.Status.RUNNING, worker_name[:200], job.attempts + 1
+    job.started_at = job.heartbeat_at = job.updated_at = now
+    job.execution.status = Execution.Status.RUNNING
+    job.execution.started_at = job.execution.started_at or now
+    if job.instance is not None:
+        job.instance.tool = job.execution.tool  # an instance's tool never changes
+    events.publish(str(job.pk), {"event": "state", "status": Job.Status.RUNNING, "progress": job.progress})
+    return job
+
+
+def job_check(job: Job) -> Checked:
+    """What the tool needs, checked again now: it may have changed since the job was queued.
+    (Its credentials are resolved by whoever runs it: that may refresh a token over HTTP.)"""
+    instance = job.instance
+    if instance is None:
+        raise Cancelled("The instance was deleted before the job started.")
+    tool_class = registry.get_tool(job.execution.tool.slug)
+    if tool_class is None:
+        raise ToolUnavailable()
+    instance.owner = job.owner  # loaded with its credit account: readiness needs no query for them
+    readiness = readiness_check(instance=instance)
+    # Credits were held when the job was accepted; what matters now is the tool and credentials.
+    blocking = [c for c in readiness.failures if c.name.startswith(("tool_", "credential:"))]
+    if blocking:
+        readiness.checks = blocking
+        raise RefusedAtStart(readiness.refusal()[1])
+    inputs = unseal(job.sealed_inputs, row_id=str(job.pk), owner_id=job.owner_id)
+    return tool_class, inputs, readiness
+
+
+def job_end(
+    job: Job,
+    outcome: Outcome,
+    duration_ms: int,
+    account: CreditAccount | None,
+    last_report: dict[str, Any] | None = None,
+) -> None:
+    """The outcome, with the attempt's entry in the log and the last progress report, in one
+    update of the Job row."""
+    log = [
+        *job.attempt_log,
+        {
+            "attempt": job.attempts,
+            "worker": job.worker_name,
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": timezone.now().isoformat(),
+            "error_code": (outcome.error or {}).get("error_code", ""),
+        },
+    ]
+    if execution_finish(
+        execution=job.execution,
+        outcome=outcome,
+        duration_ms=duration_ms,
+        account=account,
+        job=job,
+        job_fields={**(last_report or {}), "attempt_log": log},
+    ):
+        events.publish(str(job.pk), {"event": "state", **job_progress(job=job)})  # the row just written
+
+
+def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:
+    """A retryable failure with attempts left: back to QUEUED, to run again after ``delay``."""
+    log = [
+        *job.attempt_log,
+        {"attempt": job.attempts, "worker": job.worker_name, "error_code": error.get("error_code")},
+    ]
+    next_rq_id = f"{job.pk}-attempt-{job.attempts + 1}"  # RQ ids: letters, digits, - and _
+    step = f"Attempt {job.attempts} failed ({error.get('error_code')}); retrying in {delay:g} s"
+    now = timezone.now()
+    run_after = now + timedelta(seconds=delay)
+    with transaction.atomic():
+        # The schedule goes in with the state: a reaper that finds the job QUEUED before RQ has
+        # it sees a job handed to RQ just now, and what to re-create should Redis lose it.
+        moved = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(
+            status=Job.Status.QUEUED,
+            rq_job_id=next_rq_id,
+            attempt_log=log,
+            current_step=step[:300],
+            enqueued_at=now,
+            run_after=run_after,
+            updated_at=now,
+        )
+        if not moved:
+            return
+        Execution.objects.filter(pk=job.execution_id).update(status=Execution.Status.PENDING)
+    job.rq_job_id, job.enqueued_at, job.run_after = next_rq_id, now, run_after
+    events.publish(str(job.pk), {"event": "state", "status": Job.Status.QUEUED, "current_step": step})
+    job_schedule(job)
+
+
+def job_wait_turn(job: Job, *, delay: float) -> None:
+    """A QUEUED job whose owner runs their share already: looked at again after ``delay``."""
+    rq_job_id = f"{job.pk}-wait-{int(time.time() * 1000)}"
+    now = timezone.now()
+    run_after = now + timedelta(seconds=delay)
+    waits = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED)
+    if waits.update(rq_job_id=rq_job_id, enqueued_at=now, run_after=run_after, updated_at=now):
+        job.rq_job_id, job.enqueued_at, job.run_after = rq_job_id, now, run_after
+        job_schedule(job)
+
+
+def job_schedule(job: Job) -> None:
+    """Give RQ the job's schedule, recorded on the row already. If Redis does not answer, the
+    row is the record: the reaper makes the schedule once Redis is back (jobs_requeue_lost)."""
+    try:
+        rq_enqueue(
+            job_id=str(job.pk),
+            rq_job_id=job.rq_job_id,
+            timeout=job.execution.tool.timeout_seconds,
+            run_after=job.run_after,
+        )
+    except RedisError:
+        logger.warning("Redis did not take job %s; the reaper will queue it again", job.pk)
+
+
+def cancel_death_penalty() -> None:
+    """The tool is done: RQ's alarm must not fire while the outcome is being written."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
