@@ -74,9 +74,15 @@ class Browser:
         self.find("form.stacked button[type=submit]").click()
         # The address changes as soon as the redirect's answer starts; a navigation started before
         # the overview has loaded can lose to it, so wait for the page itself.
+        # The overview's own heading, not only its address: the login page's document can still
+        # be the one loaded while the address already names the overview.
         self.wait(
             lambda d: (
-                d.current_url.endswith("/status/") and d.execute_script("return document.readyState") == "complete"
+                d.current_url.endswith("/status/")
+                and d.execute_script(
+                    "return document.readyState === 'complete' && document.querySelector('h1')?.textContent"
+                )
+                == "Overview"
             ),
             message="the overview after signing in",
         )
