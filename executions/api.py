@@ -26,6 +26,8 @@ from instances.selectors import instance_list
 
 from .models import Execution, Job, Mode
 from .selectors import execution_list, job_list, job_progress, utc_day
+from .services.cache import CacheControl, MissReason
+from .services.cache import Status as CacheStatus
 from .services.control import job_cancel
 from .services.enqueue import execution_enqueue
 from .services.recovery import job_check_alive
@@ -100,6 +102,16 @@ class ExecutionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
         return execution_list(owner=self.request.user, **params.filters())
 
 
+class CacheReportSerializer(serializers.Serializer):
+    """What the result cache did for a run (DESIGN.md §9)."""
+
+    status = serializers.ChoiceField(choices=[status.value for status in CacheStatus])
+    age_seconds = serializers.IntegerField(allow_null=True, help_text="How old the answer's result is (a hit).")
+    ttl_seconds = serializers.IntegerField(allow_null=True, help_text="How long the result stays in the cache.")
+    source_execution_id = serializers.UUIDField(allow_null=True, help_text="The run whose result a hit gave.")
+    miss_reason = serializers.ChoiceField(choices=[reason.value for reason in MissReason], allow_null=True)
+
+
 SyncSuccess = inline_serializer(
     "SyncExecutionResult",
     {
@@ -108,6 +120,7 @@ SyncSuccess = inline_serializer(
         "credits_consumed": serializers.FloatField(),
         "execution_id": serializers.UUIDField(),
         "duration_ms": serializers.IntegerField(),
+        "cache": CacheReportSerializer(),
     },
 )
 
@@ -116,6 +129,26 @@ class SyncFailureSerializer(ErrorEnvelopeSerializer):
     """A run that started and failed answers 200 (DESIGN.md §5): the error envelope, with the run."""
 
     execution_id = serializers.UUIDField()
+    cache = CacheReportSerializer()
+
+
+CACHE_CONTROL = OpenApiParameter(
+    "Cache-Control",
+    str,
+    OpenApiParameter.HEADER,
+    description=(
+        "`no-cache`: run the tool and replace the cached result (REFRESH); `no-store`: run it and "
+        "neither read nor write the cache (BYPASS); `max-age=N`: answer from the cache only with a "
+        "result at most N seconds old."
+    ),
+)
+CACHE_STATUS = OpenApiParameter(
+    "Cache-Status",
+    str,
+    OpenApiParameter.HEADER,
+    response=[200],
+    description="How the result cache took part (RFC 9211), e.g. `toolexec; hit; ttl=240` or `toolexec; fwd=miss`.",
+)
 
 
 SyncOutcome = PolymorphicProxySerializer(
@@ -152,24 +185,33 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
             return serializers.Serializer()
         return tool_inputs_serializer(self.get_object())
 
-    @extend_schema(request=OpenApiTypes.OBJECT, responses={200: SyncOutcome, **error_responses(402, 409)})
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        parameters=[CACHE_CONTROL, CACHE_STATUS],
+        responses={200: SyncOutcome, **error_responses(402, 409)},
+    )
     @action(detail=True, methods=["post"], url_path="execute-sync")
     def execute_sync(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
-        execution, outcome = execution_run_sync(instance=instance, inputs=_form_inputs(request, instance))
+        control = CacheControl.parse(request.headers.get("Cache-Control"))
+        execution, outcome = execution_run_sync(
+            instance=instance, inputs=_form_inputs(request, instance), cache_control=control
+        )
+        cache = outcome.cache.as_dict() if outcome.cache is not None else None
+        headers = {"Cache-Status": outcome.cache.header()} if outcome.cache is not None else {}
         if outcome.error is None:
-            return Response(
-                {
-                    "success": True,
-                    "data": outcome.output,
-                    "credits_consumed": float(outcome.credits),
-                    "execution_id": str(execution.pk),
-                    "duration_ms": execution.duration_ms,
-                }
-            )
-        body = {**outcome.error, "execution_id": str(execution.pk)}
+            body = {
+                "success": True,
+                "data": outcome.output,
+                "credits_consumed": float(outcome.credits),
+                "execution_id": str(execution.pk),
+                "duration_ms": execution.duration_ms,
+                "cache": cache,
+            }
+            return Response(body, headers=headers)
+        body = {**outcome.error, "execution_id": str(execution.pk), "cache": cache}
         body["metadata"] = {**body["metadata"], "execution_id": str(execution.pk)}
-        return Response(body)
+        return Response(body, headers=headers)
 
     @extend_schema(
         request=OpenApiTypes.OBJECT,

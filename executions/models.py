@@ -49,6 +49,12 @@ class Execution(models.Model):
     idempotency_key = models.CharField(max_length=255, blank=True)
     request_fingerprint = models.CharField(max_length=64, blank=True)
     cache_hit = models.BooleanField(default=False)
+    # A run answered from the cache: the run whose result it gave.
+    source_execution = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="cache_answers"
+    )
+    # What the result cache did for this run (the "cache" object of its answer), or null.
+    cache = models.JSONField(null=True, blank=True)
     # The ledger line of what the run was charged, written with its outcome (none for a free
     # run). Linked from here so that credits knows nothing of executions; ``entry.execution``
     # reads it back. SET_NULL: either record may go on its own, as before the link was turned
@@ -161,3 +167,44 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.pk} {self.status} {self.progress}%"
+
+
+class CacheEntry(models.Model):
+    """A COMPLETED run's output, kept to answer the same run again until ``expires_at``
+    (DESIGN.md §9). ``key`` is a hash over the tool's version and source, the effective inputs,
+    the owner and the identity of each credential used (its id and its secret's fingerprint,
+    never the secret). The part hashes say why a later run missed: the same request
+    (``request_hash``: tool and body) with another tool version, other credentials or another
+    instance config."""
+
+    key = models.CharField(max_length=64, unique=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    instance = models.ForeignKey(ToolInstance, on_delete=models.CASCADE, related_name="cache_entries")
+    tool = models.ForeignKey(ToolDefinition, on_delete=models.CASCADE, related_name="cache_entries")
+    tool_version = models.CharField(max_length=100, help_text="The tool's version and a hash of its source.")
+    request_hash = models.CharField(max_length=64)
+    version_hash = models.CharField(max_length=64)
+    config_hash = models.CharField(max_length=64)
+    credentials_hash = models.CharField(max_length=64)
+    source_execution = models.ForeignKey(
+        Execution, on_delete=models.SET_NULL, null=True, blank=True, related_name="cache_entries"
+    )
+    output = models.JSONField()
+    size_bytes = models.PositiveIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    hits = models.PositiveBigIntegerField(default=0)
+    last_hit_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "cache entries"
+        indexes = [
+            # Why a run missed: the newest entry of the same request on the instance.
+            models.Index(fields=["instance", "request_hash", "-created_at"], name="cache_request_idx"),
+            # The purge of expired entries, oldest first.
+            models.Index(fields=["expires_at"], name="cache_expires_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool_id} cache entry {self.key[:12]}"

@@ -144,6 +144,10 @@ class ToolInstance(models.Model):
     credential_mappings = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT)
     status_reason = models.TextField(blank=True)
+    # The result cache (DESIGN.md §9): null means the tool's default (on for a cacheable tool
+    # unless it says otherwise, for its default TTL).
+    cache_enabled = models.BooleanField(null=True, blank=True)
+    cache_ttl_seconds = models.PositiveIntegerField(null=True, blank=True)
     # Statistics, moved only with F() expressions by the execution service.
     execution_count = models.PositiveBigIntegerField(default=0)
     success_count = models.PositiveBigIntegerField(default=0)
@@ -168,6 +172,18 @@ class ToolInstance(models.Model):
 
     def can_move_to(self, status: str) -> bool:
         return status in self.TRANSITIONS[self.status]
+
+    @property
+    def caches(self) -> bool:
+        """Whether runs of this instance use the result cache (its tool must be cacheable)."""
+        enabled = self.tool.cache_by_default if self.cache_enabled is None else self.cache_enabled
+        return self.tool.cacheable and enabled
+
+    @property
+    def cache_ttl(self) -> int:
+        """Seconds a cached result of this instance lives."""
+        ttl = self.tool.cache_ttl_default if self.cache_ttl_seconds is None else self.cache_ttl_seconds
+        return min(ttl, self.tool.cache_ttl_max)
 
     @property
     def failure_rate(self) -> float:

@@ -31,6 +31,14 @@ SYNC_RUN_BUDGET = 7
 PRICED_RUN_BUDGET = 11
 # Priced by usage beyond the hold: the outcome also settles the rest on the balance.
 USAGE_PRICED_RUN_BUDGET = 12
+# A run of a cacheable tool (json-transform) also looks the result cache up (one query: the
+# entry of its key, else the newest of the same request, to say why it missed) and keeps its
+# result (one upsert, committed with the outcome).
+CACHE_MISS_EXTRA = 2
+# Answered from the cache: the token, the instance, the entry; then one transaction (BEGIN,
+# the execution, recorded COMPLETED, the instance's statistics, the entry's hit count, COMMIT).
+# Neither the tool nor its thread runs.
+CACHE_HIT_BUDGET = 8
 # Refused before anything is recorded: the token, the instance.
 REFUSED_RUN_BUDGET = 2
 
@@ -90,7 +98,7 @@ def test_sync_run_of_a_free_tool_stays_within_its_budget(api, user, make_instanc
 def test_sync_run_of_a_priced_tool_stays_within_its_budget(api, user, make_instance, django_assert_num_queries):
     instance = make_instance("json-transform", owner=user)
 
-    with django_assert_num_queries(PRICED_RUN_BUDGET):
+    with django_assert_num_queries(PRICED_RUN_BUDGET + CACHE_MISS_EXTRA):
         response = api.post(
             f"/api/v1/instances/{instance.pk}/execute-sync", {"expression": "a", "data": {"a": 1}}, format="json"
         )
@@ -98,6 +106,20 @@ def test_sync_run_of_a_priced_tool_stays_within_its_budget(api, user, make_insta
     body = _ok(response)
     assert body["data"] == {"result": 1}
     assert body["credits_consumed"] == pytest.approx(0.01)
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_sync_run_answered_from_the_cache_stays_within_its_budget(api, user, make_instance, django_assert_num_queries):
+    instance = make_instance("json-transform", owner=user)
+    path, body = f"/api/v1/instances/{instance.pk}/execute-sync", {"expression": "a", "data": {"a": 1}}
+    assert _ok(api.post(path, body, format="json"))["cache"]["status"] == "MISS"
+
+    with django_assert_num_queries(CACHE_HIT_BUDGET):
+        response = api.post(path, body, format="json")
+
+    assert _ok(response)["cache"]["status"] == "HIT"
+    assert _ok(response)["data"] == {"result": 1}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -117,7 +139,7 @@ def test_priced_sync_run_inside_a_transaction_uses_savepoints_not_more_statement
     release, and the hold joins the surrounding transaction: never more than in production."""
     instance = make_instance("json-transform", owner=user)
 
-    with django_assert_max_num_queries(PRICED_RUN_BUDGET):
+    with django_assert_max_num_queries(PRICED_RUN_BUDGET + CACHE_MISS_EXTRA):
         response = api.post(
             f"/api/v1/instances/{instance.pk}/execute-sync", {"expression": "a", "data": {"a": 1}}, format="json"
         )

@@ -21,7 +21,7 @@ from tools.models import ToolDefinition
 
 pytestmark = pytest.mark.django_db
 
-SYNC_SUCCESS_KEYS = {"success", "data", "credits_consumed", "execution_id", "duration_ms"}
+SYNC_SUCCESS_KEYS = {"success", "cache", "data", "credits_consumed", "execution_id", "duration_ms"}
 ENVELOPE_KEYS = {"success", "error_code", "error_message", "metadata"}
 
 

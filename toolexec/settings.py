@@ -278,6 +278,9 @@ TOOLEXEC_WORKER_MAX_RSS_MB = env_int("TOOLEXEC_WORKER_MAX_RSS_MB", 512, minimum=
 # enqueue, so that one on its way is not doubled.
 TOOLEXEC_QUEUE_RECOVERY_SECONDS = env_int("TOOLEXEC_QUEUE_RECOVERY_SECONDS", 30, minimum=1)
 TOOLEXEC_IDEMPOTENCY_HOURS = env_int("TOOLEXEC_IDEMPOTENCY_HOURS", 24, minimum=1)
+# The result cache (DESIGN.md §9): the largest output kept, and what a cache hit costs.
+TOOLEXEC_CACHE_MAX_BYTES = env_int("TOOLEXEC_CACHE_MAX_BYTES", 1024 * 1024, minimum=0)
+TOOLEXEC_CACHE_HIT_CREDITS = env_decimal("TOOLEXEC_CACHE_HIT_CREDITS", "0")
 
 # Files and outbound HTTP.
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(BASE_DIR / "media")))

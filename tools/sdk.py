@@ -68,7 +68,16 @@ class Tool:
     base_credits: ClassVar[Decimal] = Decimal("0")
     credits_per_unit: ClassVar[Decimal] = Decimal("0")
     unit: ClassVar[str] = ""
+    # Result caching (DESIGN.md §9). Only a tool whose run has no side effects is cacheable;
+    # ``is_cacheable`` refines it per call and ``cache_exclude_inputs`` names the inputs that do
+    # not change the result. A new instance caches when ``cache_by_default`` (else its owner
+    # turns it on), for ``cache_ttl_default`` seconds unless it picks another TTL, at most
+    # ``cache_ttl_max``.
     cacheable: ClassVar[bool] = False
+    cache_by_default: ClassVar[bool] = True
+    cache_ttl_default: ClassVar[int] = 300
+    cache_ttl_max: ClassVar[int] = 24 * 3600
+    cache_exclude_inputs: ClassVar[frozenset[str]] = frozenset()
     # Whether running the same inputs twice is harmless (decides automatic retries).
     idempotent: ClassVar[bool] = True
     # Async runs that fail with one of these codes are tried again (idempotent tools only),
@@ -85,6 +94,19 @@ class Tool:
 
     def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
         raise NotImplementedError
+
+    def is_cacheable(self, inputs: dict[str, Any]) -> bool:
+        """Whether a run with these (effective) inputs may answer from, and go to, the cache."""
+        return self.cacheable
+
+    def is_cacheable_result(self, output: dict[str, Any]) -> bool:
+        """Whether a completed run's output may be kept (an error the upstream answered, say, is not)."""
+        return True
+
+    def cache_key_extra(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """What else identifies the result beyond the inputs (a file's version, say), put into
+        the cache key; nothing by default."""
+        return {}
 
     @classmethod
     def credits_for(cls, units: Decimal) -> Decimal:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -29,6 +30,8 @@ from tools.schemas import errors_by_field, nul_errors, summary
 from tools.sdk import ExecutionContext, Tool
 
 from ..models import Execution, Job, Mode
+from .cache import CachePlan, CacheReport, cache_entry_hit, cache_store
+from .cache import Status as CacheStatus
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class Outcome:
     output: dict[str, Any] | None = None
     error: dict[str, Any] | None = None  # the envelope of a failed run
     credits: Decimal = Decimal("0")
+    cache: CacheReport | None = None  # what the result cache did for the run, if it took part
 
 
 CREDENTIAL_FAILURES = frozenset(
@@ -185,8 +189,10 @@ def execution_finish(
     job: Job | None = None,
     job_from: tuple[str, ...] = (Job.Status.RUNNING,),
     job_fields: dict[str, Any] | None = None,
+    cache_plan: CachePlan | None = None,
 ) -> bool:
-    """Write the outcome, statistics, balance and ledger entry together, once.
+    """Write the outcome, statistics, balance and ledger entry together, once; and with a
+    ``cache_plan`` whose report says the result is kept, the cache entry.
 
     With a ``job``, its terminal state (and ``job_fields``: the last progress report, the
     attempt log) is written too, provided it is still in one of ``job_from``.
@@ -217,6 +223,10 @@ def execution_finish(
         "finished_at": now,
         "duration_ms": duration_ms,
     }
+    if outcome.cache is not None:
+        execution_updates["cache"] = outcome.cache.as_dict()
+        if outcome.cache.status in (CacheStatus.HIT, CacheStatus.COLLAPSED):
+            execution_updates.update(cache_hit=True, source_execution_id=outcome.cache.source_execution_id)
     with transaction.atomic():
         if job is not None and not Job.objects.filter(pk=job.pk, status__in=job_from).update(**job_updates):
             return False
@@ -241,9 +251,80 @@ def execution_finish(
         if account is not None:
             # Settle what the run costs against what was held when it started (the ledger line says why).
             credits_settle(account=account, held=execution.credits_held, charge=outcome.credits)
+        if cache_plan is not None:
+            cache_store(plan=cache_plan, execution=execution, output=outcome.output)
     if job is not None:
         for name, value in job_updates.items():
             setattr(job, name, value)
     for name, value in execution_updates.items():
         setattr(execution, name, value)
     return True
+
+
+def execution_record_hit(
+    *,
+    instance: ToolInstance,
+    inputs: dict[str, Any],
+    mode: str,
+    account: CreditAccount,
+    plan: CachePlan,
+    idempotency_key: str = "",
+    fingerprint: str = "",
+) -> tuple[Execution, Outcome, Job | None]:
+    """A run answered from the cache (``plan.entry``): the tool does not run. Its Execution is
+    recorded COMPLETED at once with the entry's output (for ``mode`` ASYNC with its Job,
+    COMPLETED with progress 100, so a client polling it sees the result at once), the hit's
+    price (TOOLEXEC_CACHE_HIT_CREDITS) taken off the balance with its ledger line, the
+    instance's statistics and the entry's hit count: one transaction. Raises
+    InsufficientCredits, and records nothing, when the balance does not cover the price."""
+    assert plan.entry is not None
+    definition = instance.tool
+    price = Decimal(settings.TOOLEXEC_CACHE_HIT_CREDITS)
+    now = timezone.now()
+    report = plan.report
+    execution = Execution(
+        instance=instance,
+        tool=definition,
+        owner_id=instance.owner_id,
+        mode=mode,
+        status=Execution.Status.COMPLETED,
+        input_data=redact(inputs),
+        output_data=plan.entry.output,
+        credits_consumed=price,
+        idempotency_key=idempotency_key,
+        request_fingerprint=fingerprint,
+        started_at=now,
+        finished_at=now,
+        duration_ms=0,
+        cache_hit=True,
+        source_execution_id=plan.entry.source_execution_id,
+        cache=report.as_dict(),
+        created_at=now,
+    )
+    job = None
+    with transaction.atomic():
+        if price and not account.is_unlimited and not credits_hold(account=account, amount=price):
+            raise InsufficientCredits(tool=definition.name, needed=price, balance=credits_balance(account=account))
+        if price:
+            execution.ledger_entry = CreditLedgerEntry.objects.create(
+                account=account, kind=CreditLedgerEntry.Kind.EXECUTION, amount=-price
+            )
+        execution.save(force_insert=True)
+        if mode == Mode.ASYNC:
+            job = Job.objects.create(
+                execution=execution,
+                instance=instance,
+                owner_id=instance.owner_id,
+                status=Job.Status.COMPLETED,
+                progress=100,
+                started_at=now,
+                finished_at=now,
+            )
+        ToolInstance.objects.filter(pk=instance.pk).update(
+            execution_count=F("execution_count") + 1,
+            success_count=F("success_count") + 1,
+            credits_consumed=F("credits_consumed") + price,
+            last_executed_at=now,
+        )
+        cache_entry_hit(plan.entry, now)
+    return execution, Outcome(Execution.Status.COMPLETED, output=plan.entry.output, credits=price, cache=report), job

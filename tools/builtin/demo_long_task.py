@@ -30,6 +30,7 @@ class DemoLongTask(Tool):
         "properties": {"steps_completed": {"type": "integer"}, "seconds": {"type": "number"}},
     }
     modes = frozenset({ASYNC})
+    cacheable = True  # so caching can be watched on a slow tool
     timeout_seconds = 3600
     base_credits = Decimal("0.01")
 

@@ -80,6 +80,15 @@ class GoogleDriveReader(Tool):
                 "maximum": 1_000_000,
                 "description": "Read at most this many rows (after the header row).",
             },
+            "modified_time": {
+                "type": "string",
+                "format": "date-time",
+                "maxLength": 40,
+                "description": (
+                    "The file's modifiedTime as a listing gave it: a cached read of another version of "
+                    "the file is not used. Not sent to Google."
+                ),
+            },
         },
         "required": ["file_id"],
         "additionalProperties": False,
@@ -108,6 +117,9 @@ class GoogleDriveReader(Tool):
         ),
     )
     modes = frozenset({SYNC, ASYNC})
+    # Reads only. A file changes under the same id: a cached read lasts its TTL, or, given the
+    # file's modified_time (from a listing), only as long as the file is that version.
+    cacheable = True
     timeout_seconds = 300
     base_credits = Decimal("0.1")
     credits_per_unit = Decimal("0.05")

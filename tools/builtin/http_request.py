@@ -109,6 +109,10 @@ class HttpRequest(Tool):
         ),
     )
     modes = frozenset({SYNC, ASYNC})
+    # Only GET and HEAD may answer from the cache, and only once the instance turns it on:
+    # whether a URL's answer may be reused is the caller's to say.
+    cacheable = True
+    cache_by_default = False
     # The request itself has at most 30 s; the rest is room to record the outcome.
     timeout_seconds = MAX_TIMEOUT_SECONDS + 5
     base_credits = Decimal("0.02")
@@ -133,6 +137,12 @@ class HttpRequest(Tool):
                 errors.add(f"headers.{name}", problem)
         if errors:
             raise InputInvalid(summary(errors.errors), field_errors=errors.errors)
+
+    def is_cacheable(self, inputs: dict[str, Any]) -> bool:
+        return str(inputs.get("method", "GET")).upper() in ("GET", "HEAD")
+
+    def is_cacheable_result(self, output: dict[str, Any]) -> bool:
+        return int(output.get("status_code", 500)) < 500  # a server error is not an answer to keep
 
     def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
         method = inputs.get("method", "GET")

@@ -34,6 +34,7 @@ class JsonTransform(Tool):
         "required": ["result"],
     }
     modes = frozenset({SYNC})
+    cacheable = True  # a pure function of its inputs
     timeout_seconds = 10
     base_credits = Decimal("0.01")
 

@@ -70,6 +70,7 @@ class SpreadsheetReader(Tool):
         "required": ["file", "format", "sheet_name", "sheets", "columns", "rows", "row_count", "truncated"],
     }
     modes = frozenset({SYNC, ASYNC})
+    cacheable = True  # an uploaded file never changes
     # Sync runs get TOOLEXEC_SYNC_TIMEOUT_SECONDS at most; a big workbook wants async time.
     timeout_seconds = 1800
     base_credits = Decimal("0.01")
