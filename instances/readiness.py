@@ -13,7 +13,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from core.errors import ErrorCode, action_items, envelope
+from core.errors import ErrorCode, action_items, envelope, http_status
 from credits.models import CreditAccount
 from credits.services import credit_account_for
 from tools import registry
@@ -83,8 +83,6 @@ class Readiness:
 
     def refusal(self) -> tuple[int, dict[str, Any]]:
         """The error envelope (and HTTP status) that refuses a run on this readiness."""
-        from core.errors import http_status
-
         first = self.failures[0]
         body = envelope(first.error_code, self.params, items=self.action_items)
         body["error_message"] = first.message
