@@ -28,6 +28,7 @@ BENCHMARKS = {
     "throughput": "bench.worker_throughput",
     "memory": "bench.worker_memory",
     "cpu": "bench.platform_cpu",
+    "cache": "bench.cache_hit",
     "history": "bench.history_scale",
 }
 # BENCH_DOC writes elsewhere (to develop a benchmark without touching the committed document)
