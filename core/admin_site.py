@@ -32,7 +32,7 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
             ("auth", "Group"),
         ],
     ),
-    ("Runs", [("executions", "Execution"), ("executions", "Job")]),
+    ("Runs", [("executions", "Execution"), ("executions", "Job"), ("executions", "CacheEntry")]),
     ("Billing", [("credits", "CreditAccount"), ("credits", "CreditLedgerEntry")]),
 ]
 

@@ -1,5 +1,5 @@
 """Operator console: executions and jobs (read-only records with cancel and retry through the
-services)."""
+services), and the result cache's entries (read-only, with a purge)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 from redis.exceptions import RedisError
@@ -20,9 +21,13 @@ from rq.job import Job as RQJob
 from core.admin_site import ReadOnlyAdmin
 from core.errors import ToolexecError
 from core.redaction import redact
+from core.words import bytes_words
+from instances.admin import ToolInstanceAdmin
+from instances.models import ToolInstance
 
 from . import events
-from .models import Execution, Job
+from .models import CacheEntry, Execution, Job
+from .services.cache import cache_clear, cache_purge_expired
 from .services.control import job_cancel, job_retry_as_new
 
 
@@ -42,6 +47,14 @@ def admin_link(obj: Any, text: Any = None) -> SafeString:
 @admin.display(description="id", ordering="created_at")
 def short_id(obj: Any) -> str:
     return str(obj.pk)[:8]
+
+
+def execution_admin_link(execution_id: Any) -> SafeString:
+    """A link to a run's admin page by its id alone (no query for the run)."""
+    if execution_id is None:
+        return mark_safe("a run no longer recorded")
+    url = reverse("admin:executions_execution_change", args=[execution_id])
+    return format_html('<a href="{}">{}</a>', url, execution_id)
 
 
 class ExecutionChangeList(ChangeList):
@@ -86,6 +99,8 @@ class ExecutionAdmin(ReadOnlyAdmin):
         "duration_ms",
         "credits_consumed",
         "cache_hit",
+        "source_link",
+        "cache_report",
         "inputs",
         "output",
         "error_code",
@@ -109,6 +124,14 @@ class ExecutionAdmin(ReadOnlyAdmin):
     def job_link(self, execution: Execution) -> SafeString:
         job = getattr(execution, "job", None) if execution.mode == "ASYNC" else None
         return admin_link(job, f"{job.pk} ({job.status})" if job else None)
+
+    @admin.display(description="served from the result of")
+    def source_link(self, execution: Execution) -> SafeString:
+        return execution_admin_link(execution.source_execution_id) if execution.cache_hit else mark_safe("—")
+
+    @admin.display(description="cache")
+    def cache_report(self, execution: Execution) -> SafeString:
+        return pretty_json(execution.cache) if execution.cache else mark_safe("—")
 
     @admin.display(description="input (secrets redacted)")
     def inputs(self, execution: Execution) -> SafeString:
@@ -260,6 +283,121 @@ class JobAdmin(ReadOnlyAdmin):
                 self.message_user(request, f"Job {job.pk}: retried as job {new.pk}.", messages.SUCCESS)
 
 
+class CacheEntryChangeList(ChangeList):
+    """Rows without their output: it can be a megabyte each, and the list never shows it."""
+
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[CacheEntry]:
+        return super().get_queryset(request, exclude_parameters).defer("output")
+
+
+class ExpiredFilter(admin.SimpleListFilter):
+    title = "expiry"
+    parameter_name = "expired"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("yes", "Expired"), ("no", "Still served")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[CacheEntry]) -> QuerySet[CacheEntry]:
+        # Both on the expiry index (cache_expires_idx).
+        if self.value() == "yes":
+            return queryset.filter(expires_at__lte=timezone.now())
+        if self.value() == "no":
+            return queryset.filter(expires_at__gt=timezone.now())
+        return queryset
+
+
+@admin.register(CacheEntry)
+class CacheEntryAdmin(ReadOnlyAdmin):
+    """The result cache's entries: what each is and how much it is used. What an entry holds is
+    shown on its page only to staff with ``executions.view_cacheentry``; staff who may view
+    executions see the rest (which instance, tool and run, size, expiry, hits) and no output.
+    Purging takes ``executions.delete_cacheentry``."""
+
+    list_display_links = [short_id]
+    list_display = [
+        short_id,
+        "tool",
+        "owner",
+        "instance",
+        "size",
+        "created_at",
+        "expires_at",
+        "hits",
+        "last_hit_at",
+    ]
+    list_filter = [ExpiredFilter, "tool"]
+    search_fields = ["=key", "owner__username", "instance__name"]
+    list_select_related = ["tool", "owner", "instance"]
+    actions = ["purge"]
+    fields = [
+        "key",
+        "tool",
+        "tool_version",
+        "owner",
+        "instance_link",
+        "source_link",
+        "size",
+        "created_at",
+        "expires_at",
+        "hits",
+        "last_hit_at",
+        "output",
+    ]
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_view_permission(request, obj) or request.user.has_perm("executions.view_execution")
+
+    def may_see_output(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("executions.view_cacheentry")
+
+    def has_purge_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("executions.delete_cacheentry")
+
+    def get_fields(self, request: HttpRequest, obj: CacheEntry | None = None) -> list[str]:
+        if self.may_see_output(request):
+            return self.fields
+        return [*self.fields[:-1], "output_withheld"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: CacheEntry | None = None) -> list[str]:
+        return self.get_fields(request, obj)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[CacheEntry]:
+        queryset = super().get_queryset(request).select_related("tool", "owner", "instance")
+        return queryset if self.may_see_output(request) else queryset.defer("output")
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return CacheEntryChangeList
+
+    @admin.display(description="size", ordering="size_bytes")
+    def size(self, entry: CacheEntry) -> str:
+        return bytes_words(entry.size_bytes)
+
+    @admin.display(description="instance")
+    def instance_link(self, entry: CacheEntry) -> SafeString:
+        return admin_link(entry.instance)
+
+    @admin.display(description="stored by the run")
+    def source_link(self, entry: CacheEntry) -> SafeString:
+        return execution_admin_link(entry.source_execution_id)
+
+    @admin.display(description="output (secrets redacted)")
+    def output(self, entry: CacheEntry) -> SafeString:
+        return pretty_json(entry.output)
+
+    @admin.display(description="output")
+    def output_withheld(self, entry: CacheEntry) -> str:
+        return "Not shown: seeing a cached output takes the “Can view cache entry” permission."
+
+    @admin.action(description="Purge selected entries, and every expired one", permissions=["purge"])
+    def purge(self, request: HttpRequest, queryset: QuerySet[CacheEntry]) -> None:
+        # Deleting an entry only makes the next identical run miss: nothing else refers to it.
+        selected, _ = queryset.delete()
+        expired = 0
+        while (done := cache_purge_expired()) > 0:
+            expired += done
+        self.message_user(request, f"Purged {selected} selected and {expired} expired cache entries.", messages.SUCCESS)
+
+
 def rq_states(rq_job_ids: list[str]) -> dict[str, str]:
     """RQ's own state of each job, fetched in one round trip ("gone" once RQ forgot it)."""
     if not rq_job_ids:
@@ -273,3 +411,23 @@ def rq_states(rq_job_ids: list[str]) -> dict[str, str]:
         status = rq_job.get_status(refresh=False) if rq_job is not None else None
         states[rq_job_id] = "gone" if rq_job is None else str(getattr(status, "value", status) or "unknown")
     return states
+
+
+class InstanceAdmin(ToolInstanceAdmin):
+    """The instance admin, with the action that needs the result cache (which lives here)."""
+
+    actions = [*ToolInstanceAdmin.actions, "clear_cache"]
+
+    @admin.action(description="Clear the cached results of selected instances", permissions=["change"])
+    def clear_cache(self, request: HttpRequest, queryset: QuerySet[ToolInstance]) -> None:
+        for instance in queryset:
+            cleared = cache_clear(instance=instance)
+            self.message_user(
+                request,
+                f"{instance.name}: {cleared} cached result{'s' if cleared != 1 else ''} cleared.",
+                messages.SUCCESS,
+            )
+
+
+admin.site.unregister(ToolInstance)
+admin.site.register(ToolInstance, InstanceAdmin)

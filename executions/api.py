@@ -6,6 +6,7 @@ from django.http import QueryDict, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
+    OpenApiResponse,
     PolymorphicProxySerializer,
     extend_schema,
     extend_schema_view,
@@ -26,7 +27,7 @@ from instances.selectors import instance_list
 
 from .models import Execution, Job, Mode
 from .selectors import execution_list, job_list, job_progress, utc_day
-from .services.cache import CacheControl, MissReason
+from .services.cache import CacheControl, MissReason, cache_clear
 from .services.cache import Status as CacheStatus
 from .services.control import job_cancel
 from .services.enqueue import execution_enqueue
@@ -163,11 +164,22 @@ AsyncAccepted = inline_serializer(
     {
         "job_id": serializers.UUIDField(),
         "execution_id": serializers.UUIDField(),
-        "status": serializers.CharField(),
+        "status": serializers.CharField(help_text="QUEUED, or COMPLETED already when answered from the cache."),
         "progress_url": serializers.CharField(),
         "result_url": serializers.CharField(),
         "events_url": serializers.CharField(),
+        "cache": CacheReportSerializer(
+            allow_null=True,
+            help_text="What the result cache did: HIT (the job is COMPLETED), or why the job runs.",
+        ),
     },
+)
+ASYNC_CACHE_STATUS = OpenApiParameter(
+    "Cache-Status",
+    str,
+    OpenApiParameter.HEADER,
+    response=[202],
+    description="How the result cache took part (RFC 9211), e.g. `toolexec; hit; ttl=240` or `toolexec; fwd=miss`.",
 )
 
 
@@ -221,7 +233,9 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
                 str,
                 OpenApiParameter.HEADER,
                 description="The same key and body within 24 hours return the first job instead of a new one.",
-            )
+            ),
+            CACHE_CONTROL,
+            ASYNC_CACHE_STATUS,
         ],
         responses={202: AsyncAccepted, **error_responses(402, 409, 503)},
     )
@@ -229,19 +243,41 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
     def execute_async(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
         key = _idempotency_key(request)
-        accepted = execution_enqueue(instance=instance, inputs=_form_inputs(request, instance), idempotency_key=key)
+        control = CacheControl.parse(request.headers.get("Cache-Control"))
+        accepted = execution_enqueue(
+            instance=instance, inputs=_form_inputs(request, instance), idempotency_key=key, cache_control=control
+        )
         job = accepted.job
         base = f"/api/v1/instances/{instance.pk}/jobs/{job.pk}"
         body = {
             "job_id": str(job.pk),
             "execution_id": str(job.execution_id),
-            "status": job.status if accepted.replayed else Job.Status.QUEUED,
+            # QUEUED; COMPLETED already for a cache hit; a replay's job as it is now.
+            "status": job.status,
             "progress_url": f"{base}/progress",
             "result_url": f"{base}/result",
             "events_url": f"{base}/events",
+            "cache": accepted.cache.as_dict() if accepted.cache is not None else None,
         }
         headers = {"Idempotent-Replayed": "true"} if accepted.replayed else {}
+        if accepted.cache is not None:
+            headers["Cache-Status"] = accepted.cache.header()
         return Response(body, status=status.HTTP_202_ACCEPTED, headers=headers)
+
+    @extend_schema(
+        request=None,
+        responses={
+            204: OpenApiResponse(
+                description="The instance's cached results are deleted: a repeated run runs the tool again."
+            ),
+            **error_responses(404),
+        },
+    )
+    @action(detail=True, methods=["delete"], url_path="cache")
+    def clear_cache(self, request: Request, pk: str | None = None) -> Response:
+        """Delete the instance's cached results."""
+        cache_clear(instance=self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 _IDEMPOTENCY_KEY = serializers.CharField(max_length=255, allow_blank=True)  # stored: no NUL, not overlong
@@ -305,10 +341,15 @@ class JobProgressSerializer(serializers.Serializer):
 
 
 # One of three shapes, by status: still running (result null, with progress), COMPLETED
-# (result, credits_consumed, duration_ms) or ended otherwise (success false and the error).
+# (result, credits_consumed, duration_ms, cache) or ended otherwise (success false, the error, cache).
 JobResultSerializer = inline_serializer(
     "JobResult",
     {
+        "cache": CacheReportSerializer(
+            allow_null=True,
+            required=False,
+            help_text="What the result cache did for the run, once it ended (null if it took no part).",
+        ),
         "status": serializers.ChoiceField(choices=Job.Status.choices),
         "result": serializers.DictField(allow_null=True, required=False),
         "credits_consumed": serializers.FloatField(required=False),
@@ -367,6 +408,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
                     "result": execution.output_data,
                     "credits_consumed": float(execution.credits_consumed),
                     "duration_ms": execution.duration_ms,
+                    "cache": execution.cache,
                 }
             )
         if job.status in Job.TERMINAL:
@@ -377,6 +419,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
                     "error_code": execution.error_code,
                     "error_message": execution.error_message,
                     "metadata": {**execution.error_metadata, "execution_id": str(execution.pk), "job_id": str(job.pk)},
+                    "cache": execution.cache,
                 }
             )
         return Response({"status": job.status, "result": None, "progress": job_progress(job=job)})

@@ -141,6 +141,15 @@ class Job(models.Model):
     # says: kept here so that a schedule Redis lost is made again with its original time. Null
     # for a job queued to run at once; in the past once it is due.
     run_after = models.DateTimeField(null=True, blank=True)
+    # What the result cache does with the run (DESIGN.md §9), for the worker that runs it: the
+    # parts of its key (hashes only, never a secret), the TTL and the report of its accept
+    # (CachePlan.as_dict). Null for a job accepted before the cache, or answered from it.
+    cache_plan = models.JSONField(null=True, blank=True)
+    # An identical job that was queued or running when this one was accepted (it held the lead on
+    # their cache key): this one waits for it instead of going to RQ, and ends from its cache entry
+    # (COLLAPSED), or goes to RQ to run itself when the leader kept none. The FK's own index
+    # finds a leader's waiting followers when it ends (job_followers_settle).
+    follows = models.ForeignKey("self", on_delete=models.SET_NULL, null=True, blank=True, related_name="followers")
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -172,7 +181,7 @@ class Job(models.Model):
 class CacheEntry(models.Model):
     """A COMPLETED run's output, kept to answer the same run again until ``expires_at``
     (DESIGN.md §9). ``key`` is a hash over the tool's version and source, the effective inputs,
-    the owner and the identity of each credential used (its id and its secret's fingerprint,
+    the owner, the instance and the identity of each credential used (its id and its secret's fingerprint,
     never the secret). The part hashes say why a later run missed: the same request
     (``request_hash``: tool and body) with another tool version, other credentials or another
     instance config."""

@@ -398,6 +398,45 @@ def execution_history(
     )
 
 
+@dataclass
+class CacheSummary:
+    """What the result cache did for an instance's runs in a window (``instance_cache_summary``)."""
+
+    runs: int = 0
+    hits: int = 0
+    credits_saved: Decimal = Decimal("0")
+
+    @property
+    def hit_rate(self) -> float | None:
+        return self.hits / self.runs if self.runs else None
+
+
+def instance_cache_summary(*, instance: ToolInstance, since: datetime) -> CacheSummary:
+    """The instance's runs since ``since``, how many of them the cache answered (a HIT, or
+    COLLAPSED onto an identical run), and the credits that saved: one query, on the
+    ``(instance, -created_at)`` index.
+
+    Credits saved = what the hits would have cost as runs − what they cost. What a hit would
+    have cost as a run is what the run that produced its result was charged (the same tool,
+    inputs and pricing); for a hit whose producing run is no longer recorded, the tool's base
+    price. What it cost is its own charge (``TOOLEXEC_CACHE_HIT_CREDITS``, 0 by default)."""
+    hit = Q(cache_hit=True)
+    row = (
+        Execution.objects.filter(instance_id=instance.pk, created_at__gte=since)
+        .order_by()
+        .aggregate(
+            runs=Count("id"),
+            hits=Count("id", filter=hit),
+            orphans=Count("id", filter=hit & Q(source_execution__isnull=True)),
+            would_cost=Sum("source_execution__credits_consumed", filter=hit),
+            cost=Sum("credits_consumed", filter=hit),
+        )
+    )
+    would_cost = (row["would_cost"] or Decimal("0")) + row["orphans"] * instance.tool.base_credits
+    saved = would_cost - (row["cost"] or Decimal("0"))
+    return CacheSummary(runs=row["runs"], hits=row["hits"], credits_saved=saved)
+
+
 def instance_recent_executions(*, instance: ToolInstance, limit: int = 10) -> list[Execution]:
     return list(
         Execution.objects.filter(instance_id=instance.pk)

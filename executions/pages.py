@@ -36,6 +36,8 @@ from . import page_selectors as select
 from .models import Execution, Job
 from .page_forms import ExecutionFilterForm, TryItForm
 from .selectors import job_progress
+from .services.cache import MissReason
+from .services.cache import Status as CacheStatus
 from .services.control import job_cancel
 from .services.enqueue import execution_enqueue
 from .services.recovery import job_check_alive
@@ -172,6 +174,56 @@ def output_view(output: Any) -> dict[str, Any]:
         "json_truncated": len(text) > JSON_CHARS_SHOWN,
         "table": _table_of(output),
     }
+
+
+CACHE_WORDS = {
+    CacheStatus.REFRESH: "the tool ran again as asked (Cache-Control: no-cache), replacing the cached result",
+    CacheStatus.BYPASS: "left out as asked (Cache-Control: no-store)",
+}
+MISS_WORDS = {
+    MissReason.NO_ENTRY: "missed: no result of the same run was cached yet",
+    MissReason.EXPIRED: "missed: the same run's cached result had expired",
+    MissReason.TOOL_VERSION_CHANGED: "missed: the tool changed since the same run's result was cached",
+    MissReason.CREDENTIAL_CHANGED: "missed: a credential changed since the same run's result was cached",
+    MissReason.CONFIG_CHANGED: "missed: the instance's default inputs changed since the same run's result was cached",
+    MissReason.NOT_CACHEABLE: "not used: this run cannot be cached",
+    MissReason.DISABLED: "off for this instance",
+    MissReason.TOO_LARGE: "not kept: the result is too large",
+    MissReason.FAILED: "not kept: only a completed run's result is",
+}
+
+
+def cache_view(execution: Execution) -> dict[str, Any] | None:
+    """What the result cache did for a run, as its pages say it: served from the cache (and
+    from which run's result), or why not. None when the cache did not take part."""
+    report = execution.cache if isinstance(execution.cache, dict) else {}
+    if execution.cache_hit:
+        source = execution.source_execution_id
+        age = report.get("age_seconds")
+        return {
+            "hit": True,
+            "collapsed": report.get("status") == CacheStatus.COLLAPSED,
+            "source_link": reverse("status:execution", args=[source]) if source else "",
+            "age": _age_words(age) if isinstance(age, int) else "",
+        }
+    status = report.get("status")
+    words = CACHE_WORDS.get(status) or MISS_WORDS.get(report.get("miss_reason"))
+    return {"hit": False, "status": status, "words": words} if words else None
+
+
+def _age_words(seconds: int) -> str:
+    """How long before a run its cached result was made: whole seconds, as the report has it."""
+    if seconds < 1:
+        return "less than a second"
+    return f"{seconds} s" if seconds < 60 else duration_words(seconds * 1000)
+
+
+def cache_setting_words(instance: ToolInstance) -> str:
+    if not instance.tool.cacheable:
+        return "Off: this tool's runs are never cached."
+    if not instance.caches:
+        return "Off"
+    return f"On: results are kept {duration_words(instance.cache_ttl * 1000)}"
 
 
 def execution_link(execution: Execution) -> str:
@@ -366,6 +418,7 @@ def execution_detail(request: HttpRequest, execution_id: str) -> HttpResponse:
         "error": execution_error(execution),
         "duration": duration_words(execution.duration_ms),
         "credits": credits_words(execution.credits_consumed),
+        "cache": cache_view(execution),
     }
     return render(request, "status/execution.html", context)
 
@@ -380,6 +433,14 @@ def _instance_context(request: HttpRequest, instance: ToolInstance) -> dict[str,
         for check in readiness.checks
     ]
     average = instance.total_duration_ms / instance.execution_count if instance.execution_count else None
+    cache = {"setting": cache_setting_words(instance), "cacheable": instance.tool.cacheable}
+    if instance.tool.cacheable:
+        summary = select.instance_cache_summary(instance=instance, since=timezone.now() - select.WINDOW)
+        cache.update(
+            summary=summary,
+            hit_rate=percent_words(summary.hit_rate),
+            credits_saved=credits_words(summary.credits_saved),
+        )
     return {
         "instance": instance,
         "tool": instance.tool,
@@ -392,6 +453,7 @@ def _instance_context(request: HttpRequest, instance: ToolInstance) -> dict[str,
             "credits": credits_words(instance.credits_consumed),
         },
         "recent": execution_rows(select.instance_recent_executions(instance=instance)),
+        "cache": cache,
         "is_owner": instance.owner_id == request.user.pk,
     }
 
@@ -428,6 +490,7 @@ def instance_detail(request: HttpRequest, instance_id: str) -> HttpResponse:
                     "error": error_view(outcome.error),
                     "duration": duration_words(execution.duration_ms),
                     "credits": credits_words(outcome.credits),
+                    "cache": cache_view(execution),
                 }
                 instance.refresh_from_db()  # the statistics just moved
     context = {**_instance_context(request, instance), "form": form, "run": run}
@@ -459,6 +522,7 @@ def _job_live_context(job: Job) -> dict[str, Any]:
         "error": execution_error(execution) if terminal else None,
         "duration": duration_words(execution.duration_ms),
         "credits": credits_words(execution.credits_consumed),
+        "cache": cache_view(execution) if terminal else None,
     }
 
 

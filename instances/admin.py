@@ -1,5 +1,6 @@
 """Operator console: credentials (write-only secrets, audit log), instances (readiness,
-transitions) and uploaded files. Every action calls the service the API calls."""
+transitions) and uploaded files. Every action calls the service the API calls (clearing an
+instance's result cache is added by executions/admin.py, where the cache lives)."""
 
 from __future__ import annotations
 
@@ -357,6 +358,7 @@ class ToolInstanceAdmin(admin.ModelAdmin):
         "config",
         "readiness_checklist",
         "credential_mapping_display",
+        "cache_setting",
         "statistics",
         "created_at",
         "updated_at",
@@ -369,6 +371,7 @@ class ToolInstanceAdmin(admin.ModelAdmin):
         "status_reason",
         "readiness_checklist",
         "credential_mapping_display",
+        "cache_setting",
         "statistics",
         "created_at",
         "updated_at",
@@ -432,6 +435,17 @@ class ToolInstanceAdmin(admin.ModelAdmin):
             "<table><tr><th>slot</th><th>provider</th><th>mapped to</th><th>resolves to</th></tr>{}</table>",
             format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
         )
+
+    @admin.display(description="result cache")
+    def cache_setting(self, instance: ToolInstance) -> SafeString:
+        if not instance.tool.cacheable:
+            return mark_safe("This tool is not cacheable: every run runs it.")
+        setting = f"on, results kept {instance.cache_ttl} s" if instance.caches else "off"
+        default = (
+            " (the tool's default)" if instance.cache_enabled is None and instance.cache_ttl_seconds is None else ""
+        )
+        entries = reverse("admin:executions_cacheentry_changelist") + f"?instance__id__exact={instance.pk}"
+        return format_html('{}{} · <a href="{}">its cache entries</a>', setting, default, entries)
 
     @admin.display(description="statistics")
     def statistics(self, instance: ToolInstance) -> SafeString:

@@ -9,7 +9,7 @@ from rest_framework.response import Response
 
 from core.api import NewestFirstPagination, QueryFilter
 from core.schema import error_responses
-from tools.api import CredentialSlotSerializer, PricingSerializer
+from tools.api import CredentialSlotSerializer, PricingSerializer, ToolCacheSerializer
 from tools.models import ToolDefinition
 
 from .models import Credential, ToolInstance
@@ -34,10 +34,44 @@ class StatisticsSerializer(serializers.Serializer):
     last_executed_at = serializers.DateTimeField(allow_null=True)
 
 
+class InstanceCacheSerializer(serializers.Serializer):
+    """The instance's result-cache setting as it applies: the tool's defaults where it sets none."""
+
+    enabled = serializers.BooleanField(
+        source="caches",
+        help_text="Whether repeated runs are answered from the cache (never for a tool that is not cacheable).",
+    )
+    ttl_seconds = serializers.IntegerField(source="cache_ttl", help_text="How long a result stays cached.")
+
+
+class InstanceCacheInputSerializer(serializers.Serializer):
+    """Either key, or both; null goes back to the tool's default."""
+
+    enabled = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        help_text="Answer repeated runs from the cache. Only a cacheable tool can (see the catalog's cache).",
+    )
+    ttl_seconds = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="How long a result stays cached: 1 up to the tool's cache.ttl_max_seconds. A shorter TTL also "
+        "applies to the results the instance already cached.",
+    )
+
+
+def _cache_setting(data: dict[str, Any]) -> dict[str, Any]:
+    """The service's arguments of a ``cache`` input: only the keys given."""
+    names = {"enabled": "cache_enabled", "ttl_seconds": "cache_ttl_seconds"}
+    return {names[key]: value for key, value in data.pop("cache", {}).items()}
+
+
 class InstanceSerializer(serializers.ModelSerializer):
     tool_definition_id = serializers.SlugField(source="tool.slug")
     tool_name = serializers.CharField(source="tool.name")
     statistics = StatisticsSerializer(source="*")
+    cache = InstanceCacheSerializer(source="*", read_only=True)
 
     class Meta:
         model = ToolInstance
@@ -50,6 +84,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "config",
             "credential_mappings",
             "status",
+            "cache",
             "statistics",
             "created_at",
             "updated_at",
@@ -67,12 +102,14 @@ class InstanceCreateSerializer(serializers.Serializer):
     workflow_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     name = serializers.CharField(max_length=200)
     config = serializers.JSONField(required=False, default=dict, help_text="Default inputs for every run.")
+    cache = InstanceCacheInputSerializer(required=False, help_text="The result cache; the tool's defaults if left out.")
 
 
 class InstanceUpdateSerializer(serializers.Serializer):
     workflow_id = serializers.CharField(max_length=200, required=False, allow_blank=True)
     name = serializers.CharField(max_length=200, required=False)
     config = serializers.JSONField(required=False)
+    cache = InstanceCacheInputSerializer(required=False, help_text="The result cache; unchanged if left out.")
 
 
 class ConfigureCredentialsSerializer(serializers.Serializer):
@@ -98,6 +135,13 @@ class ReadinessSerializer(serializers.Serializer):
     checks = CheckSerializer(many=True)
 
 
+class CapabilitiesCacheSerializer(ToolCacheSerializer):
+    """How the tool caches, and the instance's own setting (as the instance's ``cache`` says)."""
+
+    enabled = serializers.BooleanField(help_text="Whether this instance answers repeated runs from the cache.")
+    ttl_seconds = serializers.IntegerField(help_text="How long this instance keeps a result cached.")
+
+
 class CapabilitiesSerializer(serializers.Serializer):
     tool_definition_id = serializers.CharField()
     name = serializers.CharField()
@@ -109,6 +153,7 @@ class CapabilitiesSerializer(serializers.Serializer):
     credential_mappings = serializers.DictField()
     timeout_seconds = serializers.IntegerField()
     pricing = PricingSerializer()
+    cache = CapabilitiesCacheSerializer()
     is_available = serializers.BooleanField()
 
 
@@ -156,14 +201,17 @@ class InstanceViewSet(
         data = InstanceCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
-        instance = instance_create(owner=request.user, tool=values.pop("tool_definition_id"), **values)
+        cache = _cache_setting(values)
+        instance = instance_create(owner=request.user, tool=values.pop("tool_definition_id"), **values, **cache)
         return Response(InstanceSerializer(instance).data, status=status.HTTP_201_CREATED)
 
     def update(self, request: Request, pk: str | None = None, partial: bool = False) -> Response:
         instance = self.get_object()
         data = InstanceUpdateSerializer(data=request.data, partial=partial)
         data.is_valid(raise_exception=True)
-        instance = instance_update(instance=instance, **data.validated_data)
+        values = dict(data.validated_data)
+        cache = _cache_setting(values)
+        instance = instance_update(instance=instance, **values, **cache)
         return Response(InstanceSerializer(instance).data)
 
     def partial_update(self, request: Request, pk: str | None = None) -> Response:
@@ -211,6 +259,11 @@ class InstanceViewSet(
                 "credential_mappings": instance.credential_mappings,
                 "timeout_seconds": tool.timeout_seconds,
                 "pricing": PricingSerializer(tool).data,
+                "cache": {
+                    **ToolCacheSerializer(tool).data,
+                    "enabled": instance.caches,
+                    "ttl_seconds": instance.cache_ttl,
+                },
                 "is_available": tool.is_available,
             }
         )

@@ -83,7 +83,7 @@ def test_index_groups_models_by_what_operators_do(admin_client):
     assert names["Catalog"] == ["ToolDefinition"]
     assert names["Access"][:3] == ["Credential", "CredentialAuditEntry", "ToolInstance"]
     assert {"ApiToken", "User", "Group"} <= set(names["Access"])
-    assert names["Runs"] == ["Execution", "Job", "RQDashboard"]
+    assert names["Runs"] == ["Execution", "Job", "CacheEntry", "RQDashboard"]
     assert names["Billing"] == ["CreditAccount", "CreditLedgerEntry"]
     assert 'href="/admin/django-rq/"' in response.content.decode()
 

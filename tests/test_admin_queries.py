@@ -4,6 +4,7 @@ same budget holds for 3 rows and for 50 (DESIGN.md: no N+1 in admin changelists)
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from decimal import Decimal
 from itertools import count
 
@@ -12,11 +13,12 @@ from django.contrib.auth.models import Group
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
 from core.models import ApiToken
 from credits.models import CreditLedgerEntry
 from credits.services import credit_account_for
-from executions.models import Execution, Job
+from executions.models import CacheEntry, Execution, Job
 from instances.models import UploadedFile
 from instances.services.credentials import credential_create, instance_configure_credentials
 from instances.services.instances import instance_create
@@ -42,6 +44,7 @@ BUDGETS = {
     "executions_execution": 7,
     "executions_job": 5,
     "credits_creditledgerentry": 5,
+    "executions_cacheentry": 6,
 }
 
 
@@ -128,6 +131,24 @@ def make_ledger(n: int, catalog: Callable) -> None:
         Execution.objects.filter(pk=execution.pk).update(ledger_entry=entry)
 
 
+def make_cache_entries(n: int, catalog: Callable) -> None:
+    for _ in range(n):
+        execution = _execution(catalog)
+        now = timezone.now()
+        CacheEntry.objects.create(
+            key=f"{next(serial):064d}",
+            owner=execution.owner,
+            instance=execution.instance,
+            tool=execution.tool,
+            tool_version="1.0.0+test",
+            **dict.fromkeys(["request_hash", "version_hash", "config_hash", "credentials_hash"], "0" * 64),
+            source_execution=execution,
+            output={"rows": list(range(100))},
+            size_bytes=300,
+            expires_at=now + timedelta(minutes=5),
+        )
+
+
 CASES = {
     "tools_tooldefinition": make_tool_definitions,
     "instances_credential": make_credentials,
@@ -141,6 +162,7 @@ CASES = {
     "executions_execution": make_executions,
     "executions_job": make_jobs,
     "credits_creditledgerentry": make_ledger,
+    "executions_cacheentry": make_cache_entries,
 }
 
 

@@ -45,12 +45,13 @@ BASE_URL = "https://toolexec.test"  # TOOLEXEC_BASE_URL in tests/settings.py
 DEMO = "demo-long-task"  # async only, 0.01 credits a run
 QUICK = {"steps": 1, "step_seconds": 0}
 
-# execute-async of a priced tool, measured at 7: auth (1), the instance with its tool and
-# account joined (1), readiness (0), then one transaction: BEGIN, hold the credits (UPDATE),
-# INSERT execution, INSERT job, COMMIT (the attempt's writes join it: no savepoint). An
-# Idempotency-Key adds its lookup (1).
-EXECUTE_ASYNC_BUDGET = 7
-EXECUTE_ASYNC_WITH_KEY_BUDGET = 8
+# execute-async of a priced tool, measured at 9: auth (1), the instance with its tool and
+# account joined (1), readiness (0), the result cache's lookup (2 on a miss, as demo-long-task is
+# cacheable: the entry of its key, then why there is none; issue 21), then one transaction:
+# BEGIN, hold the credits (UPDATE), INSERT execution, INSERT job (with its cache plan), COMMIT
+# (the attempt's writes join it: no savepoint). An Idempotency-Key adds its lookup (1).
+EXECUTE_ASYNC_BUDGET = 9
+EXECUTE_ASYNC_WITH_KEY_BUDGET = 10
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -194,7 +195,10 @@ def test_a_key_older_than_24_hours_makes_a_new_job(api, user, make_instance):
 
     assert second["job_id"] != first["job_id"]
     assert second["status"] == "QUEUED"
-    assert counts() == (2, 2, 2)
+    # A new job; not on the queue itself, as the first (identical, still queued) leads their
+    # cache key: the second waits for its result (the result cache's single flight, issue 21).
+    assert counts() == (2, 2, 1)
+    assert str(Job.objects.get(pk=second["job_id"]).follows_id) == first["job_id"]
     # The old run keeps its record; the key now belongs to the new one.
     assert (
         Execution.objects.get(idempotency_key="daily-report").pk == Execution.objects.get(pk=second["execution_id"]).pk

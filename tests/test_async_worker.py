@@ -35,7 +35,7 @@ from tests.tools import attempts_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
-ACCEPTED_KEYS = {"job_id", "execution_id", "status", "progress_url", "result_url", "events_url"}
+ACCEPTED_KEYS = {"job_id", "execution_id", "status", "progress_url", "result_url", "events_url", "cache"}
 PROGRESS_KEYS = {"status", "progress", "current_step", "steps_total", "step_index", "eta_seconds", "updated_at"}
 ENVELOPE_KEYS = {"error_code", "error_message", "metadata"}
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
@@ -300,9 +300,10 @@ def test_progress_rises_to_completed_and_the_result_is_served(api, user, make_in
     assert set(running_result["progress"]) == PROGRESS_KEYS
 
     result = get_result(api, instance, job_id)
-    assert set(result) == {"status", "result", "credits_consumed", "duration_ms"}
+    assert set(result) == {"status", "result", "credits_consumed", "duration_ms", "cache"}
     assert result["status"] == "COMPLETED"
     assert result["result"] == {"steps_completed": 8, "seconds": pytest.approx(4.8)}
+    assert (result["cache"]["status"], result["cache"]["miss_reason"]) == ("MISS", "no_entry")  # and kept
     assert result["credits_consumed"] == 0.01
     assert result["duration_ms"] >= 4800
 
@@ -555,7 +556,9 @@ def test_an_owner_runs_at_most_their_share_of_jobs_and_the_rest_wait_their_turn(
     instance = make_instance("demo-long-task", owner=user)
     workers = [rq_worker(TOOLEXEC_MAX_CONCURRENT_JOBS_PER_OWNER="2") for _ in range(3)]
     assert len(workers) == 3
-    ids = [start_async(api, instance, {"steps": 4, "step_seconds": 0.5})["job_id"] for _ in range(3)]
+    # Cache-Control: no-store, or the three identical runs would collapse into one (issue 21).
+    no_store = {"HTTP_CACHE_CONTROL": "no-store"}
+    ids = [start_async(api, instance, {"steps": 4, "step_seconds": 0.5}, **no_store)["job_id"] for _ in range(3)]
 
     wait_for(
         lambda: Job.objects.filter(pk__in=ids, status=Job.Status.RUNNING).count() == 2,

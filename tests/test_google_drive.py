@@ -408,7 +408,13 @@ def test_the_catalog_describes_google_drive_reader(api, catalog):
     slot = body["credential_slots"][0]
     assert (slot["name"], slot["provider"], slot["kinds"]) == ("OAUTH_TOKEN", "google", ["oauth2"])
     assert set(slot["scopes"]) == {"drive.readonly", "spreadsheets.readonly"}
-    assert set(body["input_schema"]["properties"]) == {"file_id", "sheet_name", "extract_content", "max_rows"}
+    assert set(body["input_schema"]["properties"]) == {
+        "file_id",
+        "sheet_name",
+        "extract_content",
+        "max_rows",
+        "modified_time",
+    }
     assert body["input_schema"]["required"] == ["file_id"]
 
 

@@ -42,6 +42,7 @@ API_ROUTES = [
     ("post", "/api/v1/instances/{instance}/activate/"),
     ("post", "/api/v1/instances/{instance}/disable/"),
     ("post", "/api/v1/instances/{instance}/configure-credentials/"),
+    ("delete", "/api/v1/instances/{instance}/cache/"),
     ("get", "/api/v1/instances/{instance}/capabilities/"),
     ("get", "/api/v1/instances/{instance}/validate-execution/"),
     ("post", "/api/v1/instances/{instance}/execute-sync/"),

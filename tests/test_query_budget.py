@@ -31,10 +31,10 @@ SYNC_RUN_BUDGET = 7
 PRICED_RUN_BUDGET = 11
 # Priced by usage beyond the hold: the outcome also settles the rest on the balance.
 USAGE_PRICED_RUN_BUDGET = 12
-# A run of a cacheable tool (json-transform) also looks the result cache up (one query: the
-# entry of its key, else the newest of the same request, to say why it missed) and keeps its
+# A run of a cacheable tool (json-transform) also looks the result cache up (the entry of its
+# key; on a miss, the newest entry of the same request, to say why) and keeps its
 # result (one upsert, committed with the outcome).
-CACHE_MISS_EXTRA = 2
+CACHE_MISS_EXTRA = 3
 # Answered from the cache: the token, the instance, the entry; then one transaction (BEGIN,
 # the execution, recorded COMPLETED, the instance's statistics, the entry's hit count, COMMIT).
 # Neither the tool nor its thread runs.

@@ -344,13 +344,26 @@ def test_no_secret_reaches_a_cache_entry_its_key_or_redis(api, user, make_instan
             assert SECRET.encode() not in (redis.get(key) or b"")
 
 
-def test_two_instances_with_the_same_tool_config_and_credentials_share_entries(api, user, make_instance, upstream):
-    """Two instances of the same tool, config and credentials answer each other's runs: the
-    key names what the result depends on, not where it was made."""
+def test_each_instance_has_entries_of_its_own(api, user, make_instance, upstream):
+    """Its TTL, its switch and its DELETE …/cache are the instance's: another instance of the
+    same tool, config and credentials does not answer from them."""
     seen = counting(upstream)
-    first, second = http_instance(make_instance, user), http_instance(make_instance, user)
+    first, second = http_instance(make_instance, user), http_instance(make_instance, user, ttl=60)
 
     run(api, first, {"url": url(upstream)})
     answer = run(api, second, {"url": url(upstream)})
 
-    assert cache_of(answer)["status"] == "HIT" and len(seen) == 1
+    assert (cache_of(answer)["status"], cache_of(answer)["ttl_seconds"]) == ("MISS", 60) and len(seen) == 2
+
+
+def test_a_lowered_ttl_applies_to_results_kept_before(api, user, make_instance, upstream):
+    seen = counting(upstream)
+    instance = http_instance(make_instance, user)
+    run(api, instance, {"url": url(upstream)})
+    time.sleep(1.1)
+
+    ToolInstance.objects.filter(pk=instance.pk).update(cache_ttl_seconds=1)
+    instance.refresh_from_db()
+    after = run(api, instance, {"url": url(upstream)})
+
+    assert (cache_of(after)["status"], cache_of(after)["miss_reason"]) == ("MISS", "expired") and len(seen) == 2

@@ -322,3 +322,28 @@ def test_every_page_reads_well_on_a_desktop_and_on_a_phone(browser, user, make_i
     browser.get("/status/")
     browser.find("form.signout button").click()
     browser.wait(lambda d: "You are signed out" in d.page_source, message="the signed-out page")
+
+
+def test_an_instance_page_shows_its_cache_and_a_cached_run_links_the_run_that_produced_it(browser, user, make_instance):
+    transform = instance_list(owner=user).get(pk=make_instance("json-transform", owner=user, name="Cached").pk)
+    inputs = {"expression": "people[0].name", "data": {"people": [{"name": "Ada"}]}}
+    source, _ = execution_run_sync(instance=transform, inputs=inputs)
+    hit, _ = execution_run_sync(instance=transform, inputs=inputs)
+    assert hit.cache_hit
+
+    browser.login(user.username)
+    browser.get(f"/status/instances/{transform.pk}/")
+    cache = browser.find("#cache").text
+    assert "On: results are kept 5 min" in cache
+    assert "50.0 %" in cache and "1 of 2" in cache
+    browser.screenshot("instance-cache")
+    browser.screenshot("instance-cache", width=PHONE)
+    assert not browser.overflows_horizontally(PHONE)
+
+    browser.get(f"/status/executions/{hit.pk}/")
+    note = browser.find('[data-cache="hit"]')
+    assert note.text.startswith("Served from the cache")
+    browser.screenshot("execution-cached")
+    note.find_element(By.LINK_TEXT, "The run that produced this result").click()
+    browser.wait(lambda d: d.current_url.endswith(f"/status/executions/{source.pk}/"), message="the source run")
+    assert "Result cache: missed" in browser.find('[data-cache="miss"]').text

@@ -10,7 +10,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from credits.models import CreditAccount, CreditLedgerEntry
-from executions.models import Execution
+from executions.models import CacheEntry, Execution
 from instances.models import Credential, ToolInstance
 from instances.services.credentials import credential_create
 
@@ -36,6 +36,7 @@ def world_of(owner: Any) -> dict[str, Any]:
         "credentials": list(Credential.objects.filter(owner=owner).order_by("pk").values()),
         "balance": list(CreditAccount.objects.filter(owner=owner).values_list("balance", flat=True)),
         "ledger": list(CreditLedgerEntry.objects.filter(account__owner=owner).order_by("pk").values()),
+        "cache_entries": list(CacheEntry.objects.filter(owner=owner).order_by("pk").values()),
     }
 
 
@@ -79,6 +80,7 @@ ID_ENDPOINTS = [
     ("get", "/api/v1/instances/{instance}/validate-execution", None),
     ("post", "/api/v1/instances/{instance}/execute-sync", {"expression": "a", "data": {"a": 1}}),
     ("post", "/api/v1/instances/{draft}/configure-credentials", {"credential_mappings": {"OAUTH_TOKEN": "google"}}),
+    ("delete", "/api/v1/instances/{instance}/cache", None),
     ("get", "/api/v1/executions/{execution}/", None),
     ("get", "/api/v1/credentials/{credential}/", None),
     ("patch", "/api/v1/credentials/{credential}/", {"label": "hijacked"}),

@@ -8,6 +8,9 @@ After the run, ``cache_report_for`` settles the report (a failed or too large re
 kept) and ``cache_store`` keeps the result. Concurrent identical runs take turns on a Redis
 lock held while the first of them runs (``cache_lead``); the others wait for its entry
 (``cache_wait``) and report COLLAPSED. Without Redis nothing collapses and nothing fails.
+An async run carries its plan to its worker in its job (``CachePlan.as_dict``); its job holds
+the lead under its own id, and identical jobs wait for it as its followers, settled when it
+ends from its entry (``cache_collapsed``) or sent to run themselves (services.jobs).
 
 Stored in PostgreSQL (``CacheEntry``): durable, inspectable, and it survives Redis losing its
 data. No secret goes into a key or an entry: a credential takes part by its id and the
@@ -22,14 +25,14 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import F
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -44,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 WAIT_POLL_SECONDS = 0.05  # how often a collapsed run looks for the first run's entry
 PURGE_BATCH = 1000  # expired entries deleted per maintenance round
+# What a hit reads of its entry (not the part hashes, the owner, the instance or the tool).
+HIT_FIELDS = ("id", "key", "output", "created_at", "expires_at", "source_execution_id")
 # What storing a result sets on an entry that exists already (its key and owner stay).
 STORED_FIELDS = [
     *("instance", "tool", "tool_version", "request_hash", "version_hash", "config_hash", "credentials_hash"),
@@ -176,6 +181,24 @@ class CachePlan:
     def hit(self) -> bool:
         return self.entry is not None
 
+    def as_dict(self) -> dict[str, Any]:
+        """What an async run's job carries to its worker (``Job.cache_plan``): the key's parts,
+        all hashes, the TTL and the report. Never an entry, a lead or a secret."""
+        return {
+            "key": asdict(self.key) if self.key is not None else None,
+            "ttl": self.ttl,
+            "report": self.report.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CachePlan:
+        key = data.get("key")
+        return cls(
+            CacheReport.from_dict(data["report"]),
+            key=CacheKey(**key) if key else None,
+            ttl=int(data.get("ttl") or 0),
+        )
+
 
 def _digest(value: Any) -> str:
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -201,7 +224,8 @@ def cache_key(
     credentials: dict[str, Credential | None],
 ) -> CacheKey:
     """The key of a run with the body ``inputs`` (``merged``: overlaid on the instance's config)
-    and the resolved ``credentials`` of its slots."""
+    and the resolved ``credentials`` of its slots. It names the instance too: its TTL, its
+    switch and its ``DELETE …/cache`` are the instance's, so its entries are its own."""
     definition = instance.tool
     excluded = tool.cache_exclude_inputs
 
@@ -221,6 +245,7 @@ def cache_key(
                 "inputs": kept(merged),
                 "extra": tool.cache_key_extra(merged),
                 "owner": instance.owner_id,
+                "instance": str(instance.pk),
                 "credentials": identities,
             }
         ),
@@ -253,22 +278,13 @@ def cache_plan(
     if control.no_cache:
         return CachePlan(CacheReport(Status.REFRESH, ttl_seconds=ttl), key=key, ttl=ttl)
     now = timezone.now()
-    # One query: the entry of this key if there is one, else the newest of the same request on
-    # this instance, whose part hashes say why there is none.
-    found = (
-        CacheEntry.objects.filter(Q(key=key.key) | Q(instance=instance, request_hash=key.request_hash))
-        .annotate(exact=Case(When(key=key.key, then=Value(1)), default=Value(0)))
-        .order_by("-exact", "-created_at")
-        .defer("request_hash")
-        .first()
-    )
-    if found is None:
-        return CachePlan(CacheReport(Status.MISS, MissReason.NO_ENTRY, ttl_seconds=ttl), key=key, ttl=ttl)
-    if found.key != key.key:
-        return CachePlan(CacheReport(Status.MISS, _miss_reason(found, key), ttl_seconds=ttl), key=key, ttl=ttl)
-    age = max(0, int((now - found.created_at).total_seconds()))
-    if found.expires_at > now and (control.max_age is None or age <= control.max_age):
-        return CachePlan(_hit_report(found, now, Status.HIT), key=key, ttl=ttl, entry=found)
+    entry = CacheEntry.objects.filter(key=key.key).only(*HIT_FIELDS).first()
+    if entry is None:
+        return CachePlan(CacheReport(Status.MISS, _miss_reason(instance, key), ttl_seconds=ttl), key=key, ttl=ttl)
+    age = max(0, int((now - entry.created_at).total_seconds()))
+    # Younger than the instance's TTL too: one lowered since the entry was kept applies to it.
+    if entry.expires_at > now and age < ttl and (control.max_age is None or age <= control.max_age):
+        return CachePlan(_hit_report(entry, now, Status.HIT), key=key, ttl=ttl, entry=entry)
     return CachePlan(CacheReport(Status.MISS, MissReason.EXPIRED, ttl_seconds=ttl), key=key, ttl=ttl)
 
 
@@ -281,14 +297,23 @@ def _hit_report(entry: CacheEntry, now: datetime, status: str) -> CacheReport:
     )
 
 
-def _miss_reason(previous: CacheEntry, key: CacheKey) -> str:
-    """Why the newest entry of the same request on the instance does not answer this run: it
-    was made by another tool version, with other credentials or another config."""
-    if previous.version_hash != key.version_hash:
+def _miss_reason(instance: ToolInstance, key: CacheKey) -> str:
+    """Why there is no entry (a second query, on a miss only): the newest entry of the same
+    request on this instance, if any, was made by another tool version, with other credentials
+    or another config."""
+    previous = (
+        CacheEntry.objects.filter(instance=instance, request_hash=key.request_hash)
+        .order_by("-created_at")
+        .values("version_hash", "credentials_hash", "config_hash")
+        .first()
+    )
+    if previous is None:
+        return MissReason.NO_ENTRY
+    if previous["version_hash"] != key.version_hash:
         return MissReason.TOOL_VERSION_CHANGED
-    if previous.credentials_hash != key.credentials_hash:
+    if previous["credentials_hash"] != key.credentials_hash:
         return MissReason.CREDENTIAL_CHANGED
-    if previous.config_hash != key.config_hash:
+    if previous["config_hash"] != key.config_hash:
         return MissReason.CONFIG_CHANGED
     return MissReason.NO_ENTRY
 
@@ -402,6 +427,17 @@ def cache_release(plan: CachePlan) -> None:
     except RedisError:
         logger.warning("Redis is unavailable; the lead on a cache key ends when it expires")
     plan.lead = None
+
+
+def cache_collapsed(plan: CachePlan) -> CachePlan | None:
+    """The plan of a COLLAPSED answer from the entry the run that led ``plan``'s key kept (its
+    outcome committed), or None when there is none: then the run runs itself."""
+    if plan.key is None:
+        return None
+    entry = CacheEntry.objects.filter(key=plan.key.key, expires_at__gt=timezone.now()).first()
+    if entry is None:
+        return None
+    return CachePlan(_hit_report(entry, timezone.now(), Status.COLLAPSED), plan.key, plan.ttl, entry)
 
 
 def cache_wait(plan: CachePlan, *, deadline: float) -> CachePlan | None:

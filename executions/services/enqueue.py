@@ -1,5 +1,6 @@
-"""Async runs accepted: the same checks as a sync run, the Execution and the Job in one
-transaction, the RQ job on commit; Idempotency-Key replays."""
+"""Async runs accepted: the same checks as a sync run, the result cache (a hit answers with
+a job already COMPLETED), the Execution and the Job in one transaction, then on commit the RQ
+job, or, when an identical job leads the cache key, the wait for it; Idempotency-Key replays."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from tools.sdk import ASYNC
 
 from ..events import QUEUE_NAME
 from ..models import Execution, Job, Mode
+from .cache import CacheControl, CachePlan, CacheReport, cache_lead, cache_plan
+from .jobs import job_cache_outcome, job_follow, job_lead_end, lead_holder
 from .queueing import rq_enqueue
-from .runs import Outcome, execution_finish, execution_prepare, execution_record_start
+from .runs import Outcome, execution_finish, execution_prepare, execution_record_hit, execution_record_start
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +37,29 @@ logger = logging.getLogger(__name__)
 class Accepted:
     job: Job
     replayed: bool = False
+    cache: CacheReport | None = None  # what the result cache did (for a replay: as recorded)
 
 
 def request_fingerprint(inputs: Any) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: str = "") -> Accepted:
+def execution_enqueue(
+    *,
+    instance: ToolInstance,
+    inputs: Any,
+    idempotency_key: str = "",
+    cache_control: CacheControl | None = None,
+) -> Accepted:
     """Accept an async run: the same checks as a sync run, then the Execution (PENDING) and the
     Job (QUEUED) in one transaction, and the RQ job, carrying only the job's id, on commit.
+
+    The result cache answers first when it can: a HIT records the Execution and its Job
+    COMPLETED at once (execution_record_hit), with no RQ job and no worker. Otherwise the job
+    carries its cache plan to the worker; and when its result may be kept, it takes the lead on
+    its cache key, or, when an identical job holds it, follows that job instead of going to RQ
+    (job_follow): it ends from the leader's entry (COLLAPSED), or runs itself if none is kept.
+    Without Redis nothing collapses.
 
     With an ``idempotency_key``, the same key and body from the same owner within
     TOOLEXEC_IDEMPOTENCY_HOURS give back the first job and create nothing; a different body is
@@ -53,11 +70,31 @@ def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: s
     if idempotency_key:
         replay = _idempotent_replay(owner_id=instance.owner_id, key=idempotency_key, fingerprint=fingerprint)
         if replay is not None:
-            return Accepted(replay, replayed=True)
+            return Accepted(replay, replayed=True, cache=recorded_cache(replay))
     tool, merged, readiness = execution_prepare(instance=instance, mode=ASYNC, inputs=inputs)
+    plan = cache_plan(
+        instance=instance,
+        tool=tool,
+        inputs=inputs,
+        merged=merged,
+        credentials=readiness.credentials,
+        control=cache_control or CacheControl(),
+    )
     definition = instance.tool
-    outcome: dict[str, bool] = {}
+    handed: dict[str, bool] = {}
     try:
+        if plan.hit:
+            _, outcome, hit_job = execution_record_hit(
+                instance=instance,
+                inputs=merged,
+                mode=Mode.ASYNC,
+                account=readiness.account,
+                plan=plan,
+                idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
+            )
+            assert hit_job is not None  # recorded with its job in ASYNC mode
+            return Accepted(hit_job, cache=outcome.cache)
         with transaction.atomic():
             execution = execution_record_start(
                 instance=instance,
@@ -75,11 +112,15 @@ def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: s
                 status=Job.Status.QUEUED,
                 max_attempts=tool.max_attempts if tool.idempotent else 1,
                 enqueued_at=execution.created_at,
+                cache_plan=plan.as_dict(),
             )
             job.rq_job_id = str(job.pk)
             job.sealed_inputs = seal(merged, row_id=str(job.pk), owner_id=instance.owner_id)
             job.save(force_insert=True)
-            transaction.on_commit(lambda: outcome.setdefault("enqueued", _enqueue(job, definition, readiness.account)))
+            accepted = Accepted(job, cache=plan.report)
+            transaction.on_commit(
+                lambda: handed.setdefault("handed", _hand_over(accepted, definition, readiness.account, plan))
+            )
     except IntegrityError:
         if not idempotency_key:
             raise
@@ -87,14 +128,21 @@ def execution_enqueue(*, instance: ToolInstance, inputs: Any, idempotency_key: s
         replay = _idempotent_replay(owner_id=instance.owner_id, key=idempotency_key, fingerprint=fingerprint)
         if replay is None:
             raise
-        return Accepted(replay, replayed=True)
-    if outcome.get("enqueued") is False:
+        return Accepted(replay, replayed=True, cache=recorded_cache(replay))
+    if handed.get("handed") is False:
         raise QueueUnavailable(
             tool=definition.name,
             instance_id=str(instance.pk),
             metadata={"execution_id": str(job.execution_id), "job_id": str(job.pk)},
         )
-    return Accepted(job)
+    return accepted
+
+
+def recorded_cache(job: Job) -> CacheReport | None:
+    """What the cache did for a job already accepted: its run's report once it ended, else its
+    accept's (from the plan it carries); None for a job accepted before the cache."""
+    recorded = job.execution.cache or (job.cache_plan or {}).get("report")
+    return CacheReport.from_dict(recorded) if recorded else None
 
 
 def _idempotent_replay(*, owner_id: int, key: str, fingerprint: str) -> Job | None:
@@ -112,9 +160,23 @@ def _idempotent_replay(*, owner_id: int, key: str, fingerprint: str) -> Job | No
     return execution.job
 
 
+def _hand_over(accepted: Accepted, definition: Any, account: CreditAccount, plan: CachePlan) -> bool:
+    """The committed job's way on: when its result may be kept, the lead on its cache key (held
+    under the job's id, for the tool's timeout), or, when an identical job leads, that job to
+    follow; then, unless it follows, the RQ queue. False when Redis took neither."""
+    job = accepted.job
+    if plan.key is not None:
+        holder = cache_lead(plan, seconds=definition.timeout_seconds, holder=lead_holder(job.pk))
+        if holder is not None and job_follow(job, holder=holder, plan=plan, account=account):
+            if job.status == Job.Status.COMPLETED:  # its leader had ended: answered from its entry
+                accepted.cache = CacheReport.from_dict(job.execution.cache)
+            return True
+    return _enqueue(job, definition, account)
+
+
 def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
     """Put the job on the RQ queue (ids only). If Redis is down, the run ends FAILED with
-    QUEUE_UNAVAILABLE, its held credits return, and False says so."""
+    QUEUE_UNAVAILABLE, its held credits return, its lead (if it took one) ends, and False says so."""
     try:
         rq_enqueue(job_id=str(job.pk), rq_job_id=job.rq_job_id, timeout=definition.timeout_seconds)
         return True
@@ -123,12 +185,15 @@ def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
         # The client is told to retry: its Idempotency-Key must lead to a new run, not this one.
         Execution.objects.filter(pk=job.execution_id).update(idempotency_key="")
         error = envelope(ErrorCode.QUEUE_UNAVAILABLE, {"tool": definition.name, "instance_id": str(job.instance_id)})
-        execution_finish(
+        failed = Outcome(Execution.Status.FAILED, error=error)
+        plan = job_cache_outcome(job, failed)
+        if execution_finish(
             execution=job.execution,
-            outcome=Outcome(Execution.Status.FAILED, error=error),
+            outcome=failed,
             duration_ms=0,
             account=account,
             job=job,
             job_from=(Job.Status.QUEUED,),
-        )
+        ):
+            job_lead_end(job, plan)
         return False

@@ -1,5 +1,7 @@
 """A worker's side of an async run: the claim, the tool's run with its progress sink, the
-outcome, a retry, a wait for the owner's fair share."""
+outcome, a retry, a wait for the owner's fair share; and the result cache's single flight
+across jobs: a job that leads its cache key ends its lead, and settles the identical jobs that
+waited for it (its followers), when it ends."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connections, transaction
-from django.db.models import F, Func, IntegerField, Subquery, Value
+from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db.models import Exists, F, Func, IntegerField, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.db.models.lookups import LessThan
 from django.utils import timezone
@@ -33,6 +37,7 @@ from tools.sdk import ExecutionContext, Tool
 from .. import events
 from ..models import Execution, Job
 from ..selectors import job_progress
+from .cache import CachePlan, MissReason, cache_collapsed, cache_entry_hit, cache_release, cache_report_for
 from .queueing import rq_enqueue
 from .runs import STATUS_FOR_ERROR, Outcome, credential_refresher, execution_finish, outcome_of
 
@@ -60,7 +65,7 @@ JOB_TO_RUN = ("execution__tool", "instance", "owner__credit_account")
 JOB_TO_RUN_FIELDS = (
     *("id", "execution_id", "instance_id", "owner_id", "rq_job_id", "status", "progress", "current_step"),
     *("step_index", "steps_total", "attempts", "max_attempts", "sealed_inputs", "attempt_log", "worker_name"),
-    *("started_at", "enqueued_at", "run_after", "updated_at"),
+    *("started_at", "enqueued_at", "run_after", "updated_at", "cache_plan", "follows_id"),
     *("execution__tool_id", "execution__instance_id", "execution__status", "execution__started_at"),
     "execution__credits_held",
     *("execution__tool__slug", "execution__tool__name", "execution__tool__timeout_seconds", "execution__tool__modes"),
@@ -212,7 +217,7 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
     if code in tool.retry_on and job.attempts < job.max_attempts:
         job_retry(job=job, error=outcome.error or {}, delay=tool.retry_backoff_seconds * 2 ** (job.attempts - 1))
         return
-    job_end(job, outcome, duration_ms, account, last_report)
+    job_end(job, outcome, duration_ms, account, last_report, tool=tool)
 
 
 def job_claim(*, job_id: str, worker_name: str) -> Job | None:
@@ -298,9 +303,14 @@ def job_end(
     duration_ms: int,
     account: CreditAccount | None,
     last_report: dict[str, Any] | None = None,
+    *,
+    tool: Tool | None = None,
 ) -> None:
     """The outcome, with the attempt's entry in the log and the last progress report, in one
-    update of the Job row."""
+    update of the Job row; with the job's cache plan, what the cache did (the entry it keeps
+    commits with the outcome). Then the job's lead on its cache key ends and its followers are
+    settled (job_lead_end)."""
+    plan = job_cache_outcome(job, outcome, tool=tool)
     log = [
         *job.attempt_log,
         {
@@ -318,8 +328,10 @@ def job_end(
         account=account,
         job=job,
         job_fields={**(last_report or {}), "attempt_log": log},
+        cache_plan=plan,
     ):
         events.publish(str(job.pk), {"event": "state", **job_progress(job=job)})  # the row just written
+        job_lead_end(job, plan)
 
 
 def job_retry(*, job: Job, error: dict[str, Any], delay: float) -> None:
@@ -375,6 +387,147 @@ def job_schedule(job: Job) -> None:
         )
     except RedisError:
         logger.warning("Redis did not take job %s; the reaper will queue it again", job.pk)
+
+
+# --- The result cache's single flight across jobs -------------------------------------------
+#
+# An async run whose result may be kept takes the lead on its cache key once its job is
+# committed (enqueue: cache_lead, the holder naming the job), for its tool's timeout. An identical
+# run accepted meanwhile does not go to RQ: its job stays QUEUED and follows the leader
+# (``Job.follows``). When the leader ends, wherever that happens (its worker, a cancellation, the
+# reaper), its lead ends and each follower still QUEUED ends COMPLETED from the entry the leader
+# kept (COLLAPSED), or, when it kept none, goes to RQ to run itself.
+#
+# Nothing strands a follower: it joins by writing its row first and then looking at its leader,
+# and a leader ends by writing its row first and then looking for followers, so one of the two
+# always sees the other (both may: every step is conditional). A leader that vanished without
+# ending that way (a row deleted, a process gone before it wrote its end) leaves its followers
+# QUEUED with an RQ job id that RQ does not know: the reaper queues them once their leader is no
+# longer in flight (jobs_requeue_lost).
+
+LEAD_PREFIX = "job:"  # a sync run's lead holder is a bare hex id: only a job can be followed
+
+
+def lead_holder(job_id: Any) -> str:
+    return f"{LEAD_PREFIX}{job_id}"
+
+
+def lead_job_id(holder: str) -> str | None:
+    """The id of the job that holds a lead, or None when a sync run holds it."""
+    if not holder.startswith(LEAD_PREFIX):
+        return None
+    try:
+        return str(uuid.UUID(holder.removeprefix(LEAD_PREFIX)))
+    except ValueError:
+        return None
+
+
+def job_cache_plan(job: Job) -> CachePlan | None:
+    """The job's cache plan as its accept made it (without a lead), or None."""
+    return CachePlan.from_dict(job.cache_plan) if job.cache_plan else None
+
+
+def job_cache_outcome(job: Job, outcome: Outcome, *, tool: Tool | None = None) -> CachePlan | None:
+    """Set ``outcome.cache``, what the cache did for the job's run (the result kept, or why
+    not), from the job's plan; returns the plan, for execution_finish to keep the result."""
+    plan = job_cache_plan(job)
+    if plan is None or outcome.cache is not None:
+        return plan
+    if tool is None:
+        tool_class = registry.get_tool(job.execution.tool.slug)
+        tool = tool_class() if tool_class is not None else None
+    if tool is None:  # its tool is gone, so it has no result: nothing to keep
+        if plan.key is not None:
+            plan.report.miss_reason = MissReason.FAILED
+        outcome.cache = plan.report
+        return plan
+    outcome.cache = cache_report_for(plan, tool=tool, status=outcome.status, output=outcome.output)
+    return plan
+
+
+def job_lead_end(job: Job, plan: CachePlan | None) -> int:
+    """The job ended (its outcome committed): the lead it may hold on its cache key ends, and
+    the jobs that follow it are settled. Returns how many. A job whose result could not be
+    kept, or that followed another, never led: nothing to do."""
+    if plan is None or plan.key is None or job.follows_id is not None:
+        return 0
+    plan.lead = lead_holder(job.pk)
+    cache_release(plan)  # only its own: a lead that expired and was taken by another stays
+    return job_followers_settle(leader_id=str(job.pk), plan=plan)
+
+
+def job_followers_settle(*, leader_id: str, plan: CachePlan) -> int:
+    """Each QUEUED follower of the job ``leader_id``, which ended: COMPLETED from the entry it
+    kept, or handed to RQ to run itself. One query when there are none (Job.follows' index)."""
+    followers = list(
+        Job.objects.filter(follows_id=leader_id, status=Job.Status.QUEUED).select_related(
+            "execution__tool", "owner__credit_account"
+        )
+    )
+    if not followers:
+        return 0
+    collapsed = cache_collapsed(plan)
+    for follower in followers:
+        job_follower_settle(follower, collapsed, account=getattr(follower.owner, "credit_account", None))
+    return len(followers)
+
+
+def job_follower_settle(job: Job, collapsed: CachePlan | None, *, account: CreditAccount | None) -> None:
+    """A QUEUED follower whose leader ended: with ``collapsed`` (the leader's entry) it ends
+    COMPLETED from it at once, charged TOOLEXEC_CACHE_HIT_CREDITS against what it held, and
+    reports COLLAPSED; without, it goes to RQ to run itself. Either happens once."""
+    now = timezone.now()
+    if collapsed is not None:
+        assert collapsed.entry is not None
+        outcome = Outcome(
+            Execution.Status.COMPLETED,
+            output=collapsed.entry.output,
+            credits=Decimal(settings.TOOLEXEC_CACHE_HIT_CREDITS),
+            cache=collapsed.report,
+        )
+        if execution_finish(
+            execution=job.execution,
+            outcome=outcome,
+            duration_ms=0,
+            account=account,
+            job=job,
+            job_from=(Job.Status.QUEUED,),
+            job_fields={"started_at": now, "current_step": ""},
+        ):
+            cache_entry_hit(collapsed.entry, now)
+            events.publish(str(job.pk), {"event": "state", **job_progress(job=job)})
+        return
+    # Recorded before RQ has it, as any hand-over is: should Redis not take it, the reaper does.
+    if not Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
+        enqueued_at=now, current_step="", updated_at=now
+    ):
+        return
+    job.enqueued_at, job.current_step = now, ""
+    try:
+        rq_enqueue(job_id=str(job.pk), rq_job_id=job.rq_job_id, timeout=job.execution.tool.timeout_seconds)
+    except RedisError:
+        logger.warning("Redis did not take job %s; the reaper will queue it", job.pk)
+
+
+def job_follow(job: Job, *, holder: str, plan: CachePlan, account: CreditAccount | None) -> bool:
+    """Make the just accepted ``job`` follow the job that holds the lead on its cache key
+    (``holder``) instead of going to RQ; False when it cannot (a sync run or a job that is gone
+    leads): then it runs itself. A leader that ended meanwhile settles it at once."""
+    leader_id = lead_job_id(holder)
+    if leader_id is None or leader_id == str(job.pk):
+        return False
+    step = "Waiting for an identical run"
+    following = Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).filter(Exists(Job.objects.filter(pk=leader_id)))
+    try:
+        if not following.update(follows_id=leader_id, current_step=step, updated_at=timezone.now()):
+            return False
+    except IntegrityError:  # the leader's row went just now
+        return False
+    job.follows_id, job.current_step = leader_id, step
+    # Written first, looked second: a leader that ended before seeing this follower is seen here.
+    if not Job.objects.filter(pk=leader_id, status__in=(Job.Status.QUEUED, Job.Status.RUNNING)).exists():
+        job_follower_settle(job, cache_collapsed(plan), account=account)
+    return True
 
 
 def cancel_death_penalty() -> None:

@@ -21,8 +21,9 @@ from tools.errors import ToolTimeout
 from .. import events
 from ..models import Execution, Job
 from ..selectors import job_state
+from .cache import cache_purge_expired
 from .control import job_stop
-from .jobs import JOB_TO_RUN, job_end, job_retry
+from .jobs import JOB_TO_RUN, job_cache_outcome, job_end, job_lead_end, job_retry
 from .queueing import rq_enqueue, rq_forget
 from .runs import Outcome, execution_finish
 
@@ -37,7 +38,8 @@ QUEUE_RECOVERY_BATCH = 100
 
 
 def job_lost(*, job: Job, reason: str) -> bool:
-    """A RUNNING job whose worker is gone: retried if its tool allows, else FAILED (WORKER_LOST)."""
+    """A RUNNING job whose worker is gone: retried if its tool allows, else FAILED (WORKER_LOST),
+    and the identical jobs that waited for it run themselves."""
     definition = job.execution.tool
     tool_class = registry.get_tool(definition.slug)
     if (
@@ -51,11 +53,13 @@ def job_lost(*, job: Job, reason: str) -> bool:
     logger.warning("Job %s lost its worker: %s", job.pk, reason)
     params = {"tool": definition.name, "instance_id": str(job.instance_id or "")}
     lost = Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.WORKER_LOST, params))
+    plan = job_cache_outcome(job, lost)
     duration = int((timezone.now() - job.started_at).total_seconds() * 1000) if job.started_at else 0
     account = CreditAccount.objects.filter(owner_id=job.owner_id).first()
     ended = execution_finish(execution=job.execution, outcome=lost, duration_ms=duration, account=account, job=job)
     if ended:
         events.publish(str(job.pk), job_state(job_id=str(job.pk)))
+        job_lead_end(job, plan)
     return ended
 
 
@@ -66,7 +70,8 @@ def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
     - RUNNING jobs whose heartbeat is older than TOOLEXEC_JOB_STALE_SECONDS lost their worker;
     - RUNNING jobs cancelled more than TOOLEXEC_CANCEL_GRACE_SECONDS ago that did not stop
       by themselves are ended CANCELLED and the process running them stopped;
-    - QUEUED jobs that Redis lost are queued again (jobs_requeue_lost).
+    - QUEUED jobs that Redis lost are queued again (jobs_requeue_lost);
+    - expired result cache entries are deleted (cache_purge_expired, a batch a round).
     """
     now = now or timezone.now()
     counts = {"lost": 0, "cancelled": 0}
@@ -78,6 +83,7 @@ def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
     for job in running.filter(cancel_requested_at__lt=grace_before):
         counts["cancelled"] += job_stop(job=job)
     counts["requeued"] = jobs_requeue_lost(now=now)
+    counts["cache_purged"] = cache_purge_expired(now=now)
     return counts
 
 
@@ -89,10 +95,13 @@ def jobs_requeue_lost(*, now: datetime | None = None) -> int:
 
     A job counts as lost once it was handed to RQ (``enqueued_at``) more than
     TOOLEXEC_QUEUE_RECOVERY_SECONDS ago, so one on its way from its commit to its enqueue is
-    not doubled. One scheduled for later is scheduled again for its original time
-    (``run_after``). Each is recorded before it is enqueued, by a conditional update that only
-    one reaper wins; and should a job still be run twice (a worker that dequeued it just as it
-    was looked at), the claim is conditional: the second delivery runs nothing.
+    not doubled. A job that follows an identical one (``Job.follows``) is not in RQ on purpose
+    while its leader is queued or running; once the leader is neither (it vanished without
+    settling it), it is lost like any other, and runs itself. One scheduled for later is
+    scheduled again for its original time (``run_after``). Each is recorded before it is
+    enqueued, by a conditional update that only one reaper wins; and should a job still be run
+    twice (a worker that dequeued it just as it was looked at), the claim is conditional: the
+    second delivery runs nothing.
 
     Redis round trips: none when no queued job is that old; otherwise one (a pipeline) for the
     oldest QUEUE_RECOVERY_BATCH of them, and RQ's enqueue (two) for each job queued again. A
@@ -104,6 +113,7 @@ def jobs_requeue_lost(*, now: datetime | None = None) -> int:
     candidates = list(
         Job.objects.filter(status=Job.Status.QUEUED, enqueued_at__lt=handed_before)
         .exclude(rq_job_id="")
+        .exclude(follows__status__in=(Job.Status.QUEUED, Job.Status.RUNNING))
         .select_related("execution__tool")
         .only(
             "id",

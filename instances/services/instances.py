@@ -1,4 +1,5 @@
-"""Instances: create, update, delete, status transitions, and the check of their default inputs."""
+"""Instances: create, update, delete, status transitions, and the checks of their default inputs
+and result-cache setting."""
 
 from __future__ import annotations
 
@@ -35,6 +36,20 @@ def _check_config(tool: ToolDefinition, config: Any) -> dict[str, Any]:
     return config
 
 
+def _check_cache(tool: ToolDefinition, enabled: bool | None, ttl_seconds: int | None) -> None:
+    """Raise INPUT_INVALID naming ``cache.enabled`` / ``cache.ttl_seconds`` unless the setting
+    suits the tool: caching only for a cacheable tool, a TTL of 1 s up to its ``cache_ttl_max``
+    (None, for either, means the tool's default, or that it is not being changed)."""
+    errors: dict[str, list[str]] = {}
+    if enabled and not tool.cacheable:
+        errors["cache.enabled"] = [f"{tool.name} is not cacheable: its runs always run the tool."]
+    if ttl_seconds is not None and not 1 <= ttl_seconds <= tool.cache_ttl_max:
+        errors["cache.ttl_seconds"] = [f"Must be from 1 to {tool.cache_ttl_max} seconds for {tool.name}."]
+    if errors:
+        words = "; ".join(f"{path}: {' '.join(problems)}" for path, problems in errors.items())
+        raise InputInvalid(f"The result-cache setting is not valid: {words}", field_errors=errors)
+
+
 def instance_config_check(*, tool: ToolDefinition, config: Any) -> dict[str, Any]:
     """Raise INPUT_INVALID (with field errors) unless ``config`` holds valid default inputs of ``tool``."""
     return _check_config(tool, config)
@@ -48,24 +63,40 @@ def instance_create(
     name: str,
     workflow_id: str = "",
     config: dict[str, Any] | None = None,
+    cache_enabled: bool | None = None,
+    cache_ttl_seconds: int | None = None,
 ) -> ToolInstance:
-    """A new instance: ACTIVE when the tool needs no credentials, otherwise DRAFT until mapped."""
+    """A new instance: ACTIVE when the tool needs no credentials, otherwise DRAFT until mapped.
+    Its result cache follows the tool's defaults unless ``cache_enabled`` / ``cache_ttl_seconds``
+    say otherwise."""
     config = _check_config(tool, config or {})
+    _check_cache(tool, cache_enabled, cache_ttl_seconds)
     status = ToolInstance.Status.DRAFT if tool.required_slots else ToolInstance.Status.ACTIVE
     credit_account_for(owner=owner)
     return ToolInstance.objects.create(
-        owner=owner, tool=tool, name=name, workflow_id=workflow_id, config=config, status=status
+        owner=owner,
+        tool=tool,
+        name=name,
+        workflow_id=workflow_id,
+        config=config,
+        status=status,
+        cache_enabled=cache_enabled,
+        cache_ttl_seconds=cache_ttl_seconds,
     )
 
 
 def instance_update(*, instance: ToolInstance, **changes: Any) -> ToolInstance:
-    """Change name, workflow_id or config (status moves only through transitions)."""
-    allowed = {"name", "workflow_id", "config"}
+    """Change name, workflow_id, config or the result-cache setting (``cache_enabled``,
+    ``cache_ttl_seconds``; None goes back to the tool's default). Status moves only through
+    transitions. (A shorter TTL applies to the results the instance cached already: a cached
+    result answers only while it is younger than the instance's TTL.)"""
+    allowed = {"name", "workflow_id", "config", "cache_enabled", "cache_ttl_seconds"}
     unknown = set(changes) - allowed
     if unknown:
         raise ValueError(f"instance_update cannot change {sorted(unknown)}")
     if "config" in changes:
         _check_config(instance.tool, changes["config"])
+    _check_cache(instance.tool, changes.get("cache_enabled"), changes.get("cache_ttl_seconds"))
     for name, value in changes.items():
         setattr(instance, name, value)
     instance.save(update_fields=[*changes, "updated_at"])
