@@ -29,17 +29,16 @@ from credits.models import CreditAccount
 from instances.crypto import unseal
 from instances.readiness import Readiness, readiness_check
 from instances.services.credentials import credentials_resolve
-from instances.services.files import file_opener
 from tools import registry
 from tools.errors import Cancelled, ToolTimeout, ToolUnavailable
-from tools.sdk import ExecutionContext, Tool
+from tools.sdk import Tool
 
 from .. import events
 from ..models import Execution, Job
 from ..selectors import job_progress
 from .cache import CachePlan, MissReason, cache_collapsed, cache_entry_hit, cache_release, cache_report_for
 from .queueing import rq_enqueue
-from .runs import STATUS_FOR_ERROR, Outcome, credential_refresher, execution_finish, outcome_of
+from .runs import STATUS_FOR_ERROR, Outcome, execution_finish, outcome_of, run_context
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +65,8 @@ JOB_TO_RUN_FIELDS = (
     *("id", "execution_id", "instance_id", "owner_id", "rq_job_id", "status", "progress", "current_step"),
     *("step_index", "steps_total", "attempts", "max_attempts", "sealed_inputs", "attempt_log", "worker_name"),
     *("started_at", "enqueued_at", "run_after", "updated_at", "cache_plan", "follows_id"),
-    *("execution__tool_id", "execution__instance_id", "execution__status", "execution__started_at"),
-    "execution__credits_held",
+    *("execution__tool_id", "execution__instance_id", "execution__owner_id", "execution__status"),
+    *("execution__started_at", "execution__credits_held"),
     *("execution__tool__slug", "execution__tool__name", "execution__tool__timeout_seconds", "execution__tool__modes"),
     *("execution__tool__credential_slots", "execution__tool__base_credits", "execution__tool__credits_per_unit"),
     *("execution__tool__is_active", "execution__tool__is_available"),
@@ -185,15 +184,10 @@ def job_run(*, job_id: str, worker_name: str = "") -> None:
         logger.exception("Job %s could not start", job.pk)
         job_end(job, Outcome(Execution.Status.FAILED, error=envelope(ErrorCode.INTERNAL_ERROR, params)), 0, account)
         return
-    ctx = ExecutionContext(
-        execution_id=str(execution.pk),
-        tool_slug=definition.slug,
-        credentials={slot: r.secret for slot, r in resolved.items()},
-        credential_info={slot: r.metadata for slot, r in resolved.items()},
-        refresher=credential_refresher(resolved),
-        files=file_opener(owner_id=job.owner_id),
-        deadline=time.monotonic() + definition.timeout_seconds,
-        timeout_seconds=definition.timeout_seconds,
+    ctx = run_context(
+        execution=execution,
+        resolved=resolved,
+        seconds=definition.timeout_seconds,
         progress_sink=JobProgress(job),
         cancel_probe=events.CancelProbe(str(job.pk)),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -24,6 +24,7 @@ from instances.models import ToolInstance
 from instances.providers import provider_display
 from instances.readiness import Readiness, readiness_check
 from instances.services.credentials import ResolvedCredential, credential_failure_record, credential_refresh
+from instances.services.files import file_opener
 from tools import registry
 from tools.errors import InputInvalid, InsufficientCredits
 from tools.schemas import errors_by_field, nul_errors, summary
@@ -141,11 +142,27 @@ def execution_record_start(
     return execution
 
 
-def credential_refresher(resolved: dict[str, ResolvedCredential]) -> Callable[[str], dict[str, Any]]:
+def run_context(
+    *, execution: Execution, resolved: dict[str, ResolvedCredential], seconds: int, **hooks: Any
+) -> ExecutionContext:
+    """What a tool's run is given, sync or async: its credentials by slot (secrets, metadata,
+    and a refresh on demand), the owner's files, its deadline in ``seconds``; ``hooks`` are a
+    job's progress sink and cancellation probe."""
+
     def refresh(slot: str) -> dict[str, Any]:
         return credential_refresh(credential_id=resolved[slot].credential_id)
 
-    return refresh
+    return ExecutionContext(
+        execution_id=str(execution.pk),
+        tool_slug=execution.tool.slug,
+        credentials={slot: r.secret for slot, r in resolved.items()},
+        credential_info={slot: r.metadata for slot, r in resolved.items()},
+        refresher=refresh,
+        files=file_opener(owner_id=execution.owner_id),
+        deadline=time.monotonic() + seconds,
+        timeout_seconds=seconds,
+        **hooks,
+    )
 
 
 def outcome_of(

@@ -17,7 +17,6 @@ from core.redaction import secrets_in_play
 from instances.models import ToolInstance
 from instances.readiness import Readiness
 from instances.services.credentials import credentials_resolve
-from instances.services.files import file_opener
 from tools.errors import ToolTimeout
 from tools.sdk import SYNC, ExecutionContext, Tool
 
@@ -33,12 +32,12 @@ from .cache import (
 )
 from .runs import (
     Outcome,
-    credential_refresher,
     execution_finish,
     execution_prepare,
     execution_record_hit,
     execution_record_start,
     outcome_of,
+    run_context,
 )
 
 
@@ -107,16 +106,7 @@ def _run(
         raise
     with secrets_in_play(r.secret for r in resolved.values()):
         execution = execution_record_start(instance=instance, inputs=merged, mode=Mode.SYNC, account=readiness.account)
-        ctx = ExecutionContext(
-            execution_id=str(execution.pk),
-            tool_slug=definition.slug,
-            credentials={slot: r.secret for slot, r in resolved.items()},
-            credential_info={slot: r.metadata for slot, r in resolved.items()},
-            refresher=credential_refresher(resolved),
-            files=file_opener(owner_id=instance.owner_id),
-            deadline=time.monotonic() + time_limit,
-            timeout_seconds=time_limit,
-        )
+        ctx = run_context(execution=execution, resolved=resolved, seconds=time_limit)
         clock = time.monotonic()
         outcome = outcome_of(run_with_time_limit(tool, merged, ctx, time_limit), ctx, tool, params, resolved)
         execution.duration_ms = int((time.monotonic() - clock) * 1000)
