@@ -4,12 +4,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import django_rq
 import pytest
 from django.conf import settings
 from django.core.cache import cache
+from pytest_httpserver import HTTPServer
 from rest_framework.test import APIClient
 from rq import Worker
 
@@ -211,3 +214,22 @@ def wait_for(predicate, *, timeout: float = 30, interval: float = 0.1, message: 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def _upstream() -> Iterator[HTTPServer]:
+    server = HTTPServer(host="localhost", port=0)
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
+
+
+@pytest.fixture
+def upstream(_upstream: HTTPServer, settings: Any) -> HTTPServer:
+    """A real local HTTP server for a test's upstream (an API a tool calls), on the hosts the
+    http-request tool may reach; cleared of the previous test's expectations."""
+    settings.TOOLEXEC_HTTP_ALLOWED_HOSTS = ["localhost"]
+    _upstream.clear()
+    return _upstream

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
@@ -27,23 +26,6 @@ from tests.factories import UserFactory
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 
 SECRET = "planted-secret-7d1f0c"
-
-
-@pytest.fixture(scope="module")
-def _upstream() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="localhost", port=0)
-    server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
-
-
-@pytest.fixture
-def upstream(_upstream: HTTPServer, settings: Any) -> HTTPServer:
-    settings.TOOLEXEC_HTTP_ALLOWED_HOSTS = ["localhost"]
-    _upstream.clear()
-    return _upstream
 
 
 def url(server: HTTPServer, path: str = "/data") -> str:

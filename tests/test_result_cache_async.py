@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from django.utils import timezone
-from pytest_httpserver import HTTPServer
 from rest_framework.test import APIClient
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
@@ -43,23 +42,6 @@ FAST_REAPER = {  # a worker whose reaper queues a lost job 2 s after it was hand
     "TOOLEXEC_JOB_STALE_SECONDS": "2",
     "TOOLEXEC_JOB_HEARTBEAT_SECONDS": "1",
 }
-
-
-@pytest.fixture(scope="module")
-def _upstream() -> Iterator[HTTPServer]:
-    server = HTTPServer(host="localhost", port=0)
-    server.start()
-    yield server
-    server.clear()
-    if server.is_running():
-        server.stop()
-
-
-@pytest.fixture
-def upstream(_upstream: HTTPServer, settings: Any) -> HTTPServer:
-    settings.TOOLEXEC_HTTP_ALLOWED_HOSTS = ["localhost"]
-    _upstream.clear()
-    return _upstream
 
 
 @pytest.fixture
