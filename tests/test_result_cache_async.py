@@ -220,6 +220,7 @@ def test_two_identical_calls_while_the_first_runs_run_the_tool_once(api, user, m
     assert result["cache"]["status"] == "COLLAPSED"
     assert result["cache"]["source_execution_id"] == leader["execution_id"]
     assert (done.progress, done.execution.cache_hit) == (100, True)
+    assert done.execution.started_at is not None and done.started_at is not None
     assert str(done.execution.source_execution_id) == leader["execution_id"]
     # The follower's hold came back; it paid the hit price (0), the leader its run.
     assert balance(user) == before - instance.tool.base_credits

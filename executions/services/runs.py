@@ -243,7 +243,10 @@ def execution_finish(
     if outcome.cache is not None:
         execution_updates["cache"] = outcome.cache.as_dict()
         if outcome.cache.status in (CacheStatus.HIT, CacheStatus.COLLAPSED):
-            execution_updates.update(cache_hit=True, source_execution_id=outcome.cache.source_execution_id)
+            # Answered from the cache now (a queued job that followed an identical run).
+            execution_updates.update(
+                cache_hit=True, source_execution_id=outcome.cache.source_execution_id, started_at=now
+            )
     with transaction.atomic():
         if job is not None and not Job.objects.filter(pk=job.pk, status__in=job_from).update(**job_updates):
             return False
