@@ -448,16 +448,12 @@ def cache_wait(plan: CachePlan, *, deadline: float) -> CachePlan | None:
     try:
         redis = events.redis()
         while time.monotonic() < deadline:
-            entry = CacheEntry.objects.filter(key=plan.key.key, expires_at__gt=timezone.now()).first()
-            if entry is not None:
-                return CachePlan(_hit_report(entry, timezone.now(), Status.COLLAPSED), plan.key, plan.ttl, entry)
-            if not redis.exists(_lead_key(plan.key)):
-                # The lead ended: one last look, as its entry commits before the lead ends.
-                entry = CacheEntry.objects.filter(key=plan.key.key, expires_at__gt=timezone.now()).first()
-                if entry is not None:
-                    report = _hit_report(entry, timezone.now(), Status.COLLAPSED)
-                    return CachePlan(report, plan.key, plan.ttl, entry)
-                return None
+            # The lead first, then the entry: a leader keeps its entry before its lead ends, so a
+            # lead seen gone means the look that follows finds the entry if it was kept.
+            leading = redis.exists(_lead_key(plan.key))
+            collapsed = cache_collapsed(plan)
+            if collapsed is not None or not leading:
+                return collapsed
             time.sleep(WAIT_POLL_SECONDS)
     except RedisError:
         return None
