@@ -22,6 +22,7 @@ from instances.models import Credential, ToolInstance
 from instances.services.credentials import credential_create, credential_update, instance_configure_credentials
 from tests.conftest import token_client
 from tests.factories import UserFactory
+from tools.models import ToolDefinition
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 
@@ -153,6 +154,19 @@ def test_a_changed_instance_config_misses(api, user, make_instance, upstream):
     after = run(api, instance, body)
 
     assert (cache_of(after)["status"], cache_of(after)["miss_reason"]) == ("MISS", "config_changed")
+
+
+def test_a_new_tool_version_misses(api, user, make_instance, upstream):
+    seen = counting(upstream)
+    instance = http_instance(make_instance, user)
+    body = {"url": url(upstream)}
+    run(api, instance, body)
+
+    ToolDefinition.objects.filter(pk=instance.tool_id).update(version="99.0.0")  # as a deploy's catalog sync does
+    after = run(api, instance, body)
+
+    assert (cache_of(after)["status"], cache_of(after)["miss_reason"]) == ("MISS", "tool_version_changed")
+    assert len(seen) == 2
 
 
 def test_an_entry_past_its_ttl_misses_as_expired(api, user, make_instance, upstream):
