@@ -69,12 +69,12 @@ def execution_run_sync(
         if collapsed is not None:
             return _answered_from_cache(instance, merged, readiness.account, collapsed)
     try:
-        execution, outcome = _run(instance, tool, merged, readiness, time_limit)
+        execution, outcome, duration_ms = _run(instance, tool, merged, readiness, time_limit)
         outcome.cache = cache_report_for(plan, tool=tool, status=outcome.status, output=outcome.output)
         execution_finish(
             execution=execution,
             outcome=outcome,
-            duration_ms=execution.duration_ms or 0,
+            duration_ms=duration_ms,
             account=readiness.account,
             cache_plan=plan,
         )
@@ -94,9 +94,9 @@ def _answered_from_cache(
 
 def _run(
     instance: ToolInstance, tool: Tool, merged: dict[str, Any], readiness: Readiness, time_limit: int
-) -> tuple[Execution, Outcome]:
-    """Record the start, run the tool in its thread, and say how it went (not yet recorded:
-    the caller records the outcome; ``duration_ms`` is set on the execution)."""
+) -> tuple[Execution, Outcome, int]:
+    """Record the start, run the tool in its thread, and say how it went and in how many
+    milliseconds (not yet recorded: the caller records the outcome)."""
     definition = instance.tool
     params = {"tool": definition.name, "instance_id": str(instance.pk)}
     try:
@@ -109,8 +109,8 @@ def _run(
         ctx = run_context(execution=execution, resolved=resolved, seconds=time_limit)
         clock = time.monotonic()
         outcome = outcome_of(run_with_time_limit(tool, merged, ctx, time_limit), ctx, tool, params, resolved)
-        execution.duration_ms = int((time.monotonic() - clock) * 1000)
-    return execution, outcome
+        duration_ms = int((time.monotonic() - clock) * 1000)
+    return execution, outcome, duration_ms
 
 
 def run_with_time_limit(tool: Tool, inputs: dict[str, Any], ctx: ExecutionContext, seconds: int) -> Any:
