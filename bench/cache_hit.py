@@ -7,7 +7,6 @@ the SQL statements of each arm's request and where a sync request's time goes.""
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import time
@@ -15,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from .common import ROUNDS, Arms, Gunicorn, ab_rounds, ms, redis_flush, verdict, wrk
+from .common import ROUNDS, Arms, Gunicorn, ab_rounds, ms, phases_timed, redis_flush, verdict, wrk
 
 TITLE = "benchmark 9: result cache"
 ROUND_SECONDS = 5
@@ -132,25 +131,14 @@ def phases_per_request(paths: dict[str, str], token: str, requests: int = 400) -
     labels = [label for *_, label in PHASES]
     spent = {arm: dict.fromkeys(labels, 0.0) for arm in arms}
     current = {"arm": arms[0]}
-    originals = []
-    for module, cls, name, label in PHASES:
-        owner = importlib.import_module(module)
-        owner = getattr(owner, cls) if cls else owner
-        real = getattr(owner, name)
 
-        def timed(*args: Any, _real: Any = real, _label: str = label, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return _real(*args, **kwargs)
-            finally:
-                spent[current["arm"]][_label] += time.perf_counter() - started
+    def record(label: str, seconds: float) -> None:
+        spent[current["arm"]][label] += seconds
 
-        originals.append((owner, name, real))
-        setattr(owner, name, timed)
     client = Client(SERVER_NAME="127.0.0.1")
     headers = {"HTTP_AUTHORIZATION": f"Token {token}"}
     total = dict.fromkeys(arms, 0.0)
-    try:
+    with phases_timed(PHASES, record):
         for index in range(50 + requests):
             if index == 50:  # the warm-up ends
                 for arm in arms:
@@ -161,9 +149,6 @@ def phases_per_request(paths: dict[str, str], token: str, requests: int = 400) -
                 started = time.perf_counter()
                 client.post(paths[arm], BODY, content_type="application/json", **headers)
                 total[arm] += time.perf_counter() - started
-    finally:
-        for owner, name, real in originals:
-            setattr(owner, name, real)
     result = {}
     for arm in arms:
         per_request = {label: value * 1000 / requests for label, value in spent[arm].items()}

@@ -7,6 +7,8 @@ Only the database ``toolexec_bench`` and Redis index 13 are ever created, droppe
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import platform
@@ -19,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -343,3 +345,32 @@ def machine() -> dict[str, str]:
         "rq": rq.__version__,
         "celery": celery.__version__,
     }
+
+
+@contextlib.contextmanager
+def phases_timed(
+    phases: tuple[tuple[str, str | None, str, str], ...], record: Callable[[str, float], None]
+) -> Iterator[None]:
+    """While inside, every call of each phase's function (``(module, class or None, name,
+    label)``, wrapped where its caller looks it up) gives its seconds to ``record(label,
+    seconds)``; the functions are put back after."""
+    originals = []
+    for module, cls, name, label in phases:
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        real = getattr(owner, name)
+
+        def timed(*args: Any, _real: Any = real, _label: str = label, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                record(_label, time.perf_counter() - started)
+
+        originals.append((owner, name, real))
+        setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        for owner, name, real in originals:
+            setattr(owner, name, real)

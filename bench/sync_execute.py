@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .common import ROUNDS, Arms, Gunicorn, PgStats, ab_rounds, ms, verdict, wrk
+from .common import ROUNDS, Arms, Gunicorn, PgStats, ab_rounds, ms, phases_timed, verdict, wrk
 
 TITLE = "benchmark 1: sync execute overhead"
 ROUND_SECONDS = 5
@@ -149,29 +149,16 @@ PHASES = (
 def phases_per_request(path: str, token: str, requests: int = 400) -> dict[str, float]:
     """Milliseconds per request in each phase of the product's path, and in all, measured by
     wrapping each phase's function for the duration (Django's test client, same settings)."""
-    import importlib
-
     from django.test import Client
 
     spent: dict[str, float] = {}
-    originals = []
-    for module, cls, name, label in PHASES:
-        owner = importlib.import_module(module)
-        owner = getattr(owner, cls) if cls else owner
-        real = getattr(owner, name)
 
-        def timed(*args: Any, _real: Any = real, _label: str = label, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return _real(*args, **kwargs)
-            finally:
-                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - started
+    def record(label: str, seconds: float) -> None:
+        spent[label] = spent.get(label, 0.0) + seconds
 
-        originals.append((owner, name, real))
-        setattr(owner, name, timed)
     client = Client(SERVER_NAME="127.0.0.1")
     headers = {"HTTP_AUTHORIZATION": f"Token {token}"}
-    try:
+    with phases_timed(PHASES, record):
         for _ in range(50):
             client.post(path, BODY, content_type="application/json", **headers)
         spent.clear()
@@ -179,9 +166,6 @@ def phases_per_request(path: str, token: str, requests: int = 400) -> dict[str, 
         for _ in range(requests):
             client.post(path, BODY, content_type="application/json", **headers)
         total = time.perf_counter() - started
-    finally:
-        for owner, name, real in originals:
-            setattr(owner, name, real)
     per_request = {label: spent.get(label, 0.0) * 1000 / requests for *_, label in PHASES}
     per_request["everything else (Django, DRF, middleware, rendering)"] = total * 1000 / requests - sum(
         per_request.values()
