@@ -107,7 +107,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         exc = exceptions.ValidationError("The request has too many fields or files, or is too large, for this server.")
 
     if isinstance(exc, ToolexecError):
-        code_status, body = http_status(exc.code), exc.envelope()
+        # An error may answer with its own status (a workflow not ready: 409 whatever its first problem).
+        code_status, body = getattr(exc, "status", None) or http_status(exc.code), exc.envelope()
     elif isinstance(exc, exceptions.APIException):
         code_status, body = _drf_envelope(exc)
         if getattr(exc, "auth_header", None):

@@ -49,6 +49,9 @@ class Execution(models.Model):
     idempotency_key = models.CharField(max_length=255, blank=True)
     request_fingerprint = models.CharField(max_length=64, blank=True)
     cache_hit = models.BooleanField(default=False)
+    # Who asked for the run when its owner did not call it directly: "workflow" for a workflow's
+    # step (the step run points here). Receivers of executions.signals filter on it.
+    origin = models.CharField(max_length=20, blank=True)
     # A run answered from the cache: the run whose result it gave.
     source_execution = models.ForeignKey(
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="cache_answers"

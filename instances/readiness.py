@@ -201,12 +201,12 @@ def _credential_check(
     return Check(name, True, message, 40)
 
 
-def readiness_many(instances: list[ToolInstance]) -> dict[str, Readiness]:
-    """Readiness of many instances (a changelist page) keyed by instance id: the credentials
-    of all of them in one query, then no query per instance (given ``tool`` and
-    ``owner__credit_account`` selected)."""
+def readiness_many(instances: list[ToolInstance], *, mode: str | None = None) -> dict[str, Readiness]:
+    """Readiness of many instances (a changelist page, a workflow's steps) keyed by instance
+    id, with the ``mode`` check when given: the credentials of all of them in one query, then
+    no query per instance (given ``tool`` and ``owner__credit_account`` selected)."""
     resolved = slot_credentials_many(instances)
     return {
-        str(instance.pk): readiness_check(instance=instance, credentials=resolved.get(str(instance.pk), {}))
+        str(instance.pk): readiness_check(instance=instance, mode=mode, credentials=resolved.get(str(instance.pk), {}))
         for instance in instances
     }

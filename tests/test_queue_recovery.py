@@ -12,6 +12,7 @@ its runs in a file, outside Redis.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import socket
 import subprocess
@@ -191,7 +192,7 @@ def test_a_retry_waiting_on_its_backoff_when_redis_restarted_empty_runs_once_at_
         message="the first attempt to fail and its retry to wait",
     )
     assert waiting.rq_job_id == retry_id
-    original_time = int(waiting.run_after.timestamp())  # RQ schedules to the second
+    original_time = math.ceil(waiting.run_after.timestamp())  # RQ schedules to the second, rounded up
     assert scheduled_at(private_redis, retry_id) == original_time
 
     first_worker.stop()
@@ -465,7 +466,7 @@ def test_a_retry_whose_schedule_redis_refused_is_scheduled_by_the_reaper_for_its
 
     assert jobs_requeue_lost(now=waiting.enqueued_at + timedelta(seconds=RECOVERY_SECONDS + 1)) == 1
 
-    assert scheduled_at(private_redis, retry_id) == int(waiting.run_after.timestamp())
+    assert scheduled_at(private_redis, retry_id) == math.ceil(waiting.run_after.timestamp())
     assert RQJob.fetch(retry_id, connection=connection).args == (job_id,)
     [lost] = queue_lost_entries(job_id)
     assert lost["message"].endswith(f"to run at {waiting.run_after.isoformat()}, as it was scheduled.")

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -50,6 +50,8 @@ def execution_enqueue(
     inputs: Any,
     idempotency_key: str = "",
     cache_control: CacheControl | None = None,
+    origin: str = "",
+    run_after: datetime | None = None,
 ) -> Accepted:
     """Accept an async run: the same checks as a sync run, then the Execution (PENDING) and the
     Job (QUEUED) in one transaction, and the RQ job, carrying only the job's id, on commit.
@@ -64,6 +66,11 @@ def execution_enqueue(
     With an ``idempotency_key``, the same key and body from the same owner within
     TOOLEXEC_IDEMPOTENCY_HOURS give back the first job and create nothing; a different body is
     refused. Raises QueueUnavailable (the execution then ends FAILED) when Redis is down.
+
+    ``origin`` says who asked for the run when not its owner directly (Execution.origin); a
+    job with a ``run_after`` still to come waits for it in RQ's schedule (a workflow step's
+    retry backoff). Called inside the caller's transaction, the job goes to RQ when that
+    commits, and a Redis that is down ends the execution FAILED without raising here.
     """
     # The instance is part of what a key identifies: the same key on another instance is a conflict.
     fingerprint = request_fingerprint({"instance": str(instance.pk), "inputs": inputs}) if idempotency_key else ""
@@ -92,6 +99,7 @@ def execution_enqueue(
                 plan=plan,
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,
+                origin=origin,
             )
             assert hit_job is not None  # recorded with its job in ASYNC mode
             return Accepted(hit_job, cache=outcome.cache)
@@ -103,6 +111,7 @@ def execution_enqueue(
                 account=readiness.account,
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,
+                origin=origin,
             )
             job = Job(
                 execution=execution,
@@ -112,6 +121,7 @@ def execution_enqueue(
                 status=Job.Status.QUEUED,
                 max_attempts=tool.max_attempts if tool.idempotent else 1,
                 enqueued_at=execution.created_at,
+                run_after=run_after,
                 cache_plan=plan.as_dict(),
             )
             job.rq_job_id = str(job.pk)
@@ -178,7 +188,9 @@ def _enqueue(job: Job, definition: Any, account: CreditAccount) -> bool:
     """Put the job on the RQ queue (ids only). If Redis is down, the run ends FAILED with
     QUEUE_UNAVAILABLE, its held credits return, its lead (if it took one) ends, and False says so."""
     try:
-        rq_enqueue(job_id=str(job.pk), rq_job_id=job.rq_job_id, timeout=definition.timeout_seconds)
+        rq_enqueue(
+            job_id=str(job.pk), rq_job_id=job.rq_job_id, timeout=definition.timeout_seconds, run_after=job.run_after
+        )
         return True
     except RedisError:
         logger.warning("Redis is unavailable; job %s could not be queued", job.pk)

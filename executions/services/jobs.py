@@ -36,6 +36,7 @@ from tools.sdk import Tool
 from .. import events
 from ..models import Execution, Job
 from ..selectors import job_progress
+from ..signals import execution_started
 from .cache import CachePlan, MissReason, cache_collapsed, cache_entry_hit, cache_release, cache_report_for
 from .queueing import rq_enqueue
 from .runs import STATUS_FOR_ERROR, Outcome, execution_finish, outcome_of, run_context
@@ -66,7 +67,7 @@ JOB_TO_RUN_FIELDS = (
     *("step_index", "steps_total", "attempts", "max_attempts", "sealed_inputs", "attempt_log", "worker_name"),
     *("started_at", "enqueued_at", "run_after", "updated_at", "cache_plan", "follows_id"),
     *("execution__tool_id", "execution__instance_id", "execution__owner_id", "execution__status"),
-    *("execution__started_at", "execution__credits_held"),
+    *("execution__started_at", "execution__credits_held", "execution__origin"),
     *("execution__tool__slug", "execution__tool__name", "execution__tool__timeout_seconds", "execution__tool__modes"),
     *("execution__tool__credential_slots", "execution__tool__base_credits", "execution__tool__credits_per_unit"),
     *("execution__tool__is_active", "execution__tool__is_available"),
@@ -268,6 +269,7 @@ def job_claim(*, job_id: str, worker_name: str) -> Job | None:
     if job.instance is not None:
         job.instance.tool = job.execution.tool  # an instance's tool never changes
     events.publish(str(job.pk), {"event": "state", "status": Job.Status.RUNNING, "progress": job.progress})
+    execution_started.send(sender=Execution, execution=job.execution, job=job)
     return job
 
 

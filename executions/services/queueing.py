@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -24,7 +24,9 @@ def rq_enqueue(*, job_id: str, rq_job_id: str, timeout: int, run_after: datetime
         "failure_ttl": 7 * 24 * 3600,
     }
     if run_after is not None and run_after > timezone.now():
-        events.queue().enqueue_at(run_after, RUN, job_id, job_timeout=timeout, **options)
+        # RQ's schedule counts whole seconds (it truncates): rounded up, a job never runs early.
+        due = run_after.replace(microsecond=0) + timedelta(seconds=1) if run_after.microsecond else run_after
+        events.queue().enqueue_at(due, RUN, job_id, job_timeout=timeout, **options)
     else:
         events.queue().enqueue_call(RUN, args=(job_id,), timeout=timeout, **options)
 

@@ -21,6 +21,7 @@ from tools.errors import ToolTimeout
 from .. import events
 from ..models import Execution, Job
 from ..selectors import job_state
+from ..signals import maintenance_round
 from .cache import cache_purge_expired
 from .control import job_stop
 from .jobs import JOB_TO_RUN, job_cache_outcome, job_end, job_lead_end, job_retry
@@ -71,7 +72,8 @@ def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
     - RUNNING jobs cancelled more than TOOLEXEC_CANCEL_GRACE_SECONDS ago that did not stop
       by themselves are ended CANCELLED and the process running them stopped;
     - QUEUED jobs that Redis lost are queued again (jobs_requeue_lost);
-    - expired result cache entries are deleted (cache_purge_expired, a batch a round).
+    - expired result cache entries are deleted (cache_purge_expired, a batch a round);
+    - then the receivers of executions.signals.maintenance_round do their part (workflows).
     """
     now = now or timezone.now()
     counts = {"lost": 0, "cancelled": 0}
@@ -84,6 +86,12 @@ def jobs_reap(*, now: datetime | None = None) -> dict[str, int]:
         counts["cancelled"] += job_stop(job=job)
     counts["requeued"] = jobs_requeue_lost(now=now)
     counts["cache_purged"] = cache_purge_expired(now=now)
+    # The apps above keep their records honest in the same round (a workflow's runs).
+    for receiver, result in maintenance_round.send_robust(sender=Job, now=now):
+        if isinstance(result, Exception):
+            logger.error("A maintenance round's receiver %r failed", receiver, exc_info=result)
+        elif isinstance(result, dict):
+            counts.update(result)
     return counts
 
 

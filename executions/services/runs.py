@@ -31,6 +31,7 @@ from tools.schemas import errors_by_field, nul_errors, summary
 from tools.sdk import ExecutionContext, Tool
 
 from ..models import Execution, Job, Mode
+from ..signals import execution_ended
 from .cache import CachePlan, CacheReport, cache_entry_hit, cache_store
 from .cache import Status as CacheStatus
 
@@ -108,6 +109,7 @@ def execution_record_start(
     account: CreditAccount,
     idempotency_key: str = "",
     fingerprint: str = "",
+    origin: str = "",
 ) -> Execution:
     """Record the attempt (RUNNING for sync), holding the tool's minimum price on the account
     in the same transaction, so concurrent runs cannot spend the same credits twice. Raises
@@ -127,6 +129,7 @@ def execution_record_start(
         request_fingerprint=fingerprint,
         started_at=started if mode == Mode.SYNC else None,
         created_at=started,
+        origin=origin,
     )
     if not hold:
         execution.save(force_insert=True)
@@ -273,11 +276,13 @@ def execution_finish(
             credits_settle(account=account, held=execution.credits_held, charge=outcome.credits)
         if cache_plan is not None:
             cache_store(plan=cache_plan, execution=execution, output=outcome.output)
-    if job is not None:
-        for name, value in job_updates.items():
-            setattr(job, name, value)
-    for name, value in execution_updates.items():
-        setattr(execution, name, value)
+        if job is not None:
+            for name, value in job_updates.items():
+                setattr(job, name, value)
+        for name, value in execution_updates.items():
+            setattr(execution, name, value)
+        # A workflow advances its run in this transaction: its next steps commit with this end.
+        execution_ended.send(sender=Execution, execution=execution, outcome=outcome, job=job)
     return True
 
 
@@ -290,6 +295,7 @@ def execution_record_hit(
     plan: CachePlan,
     idempotency_key: str = "",
     fingerprint: str = "",
+    origin: str = "",
 ) -> tuple[Execution, Outcome, Job | None]:
     """A run answered from the cache (``plan.entry``): the tool does not run. Its Execution is
     recorded COMPLETED at once with the entry's output (for ``mode`` ASYNC with its Job,
@@ -320,8 +326,10 @@ def execution_record_hit(
         source_execution_id=plan.entry.source_execution_id,
         cache=report.as_dict(),
         created_at=now,
+        origin=origin,
     )
     job = None
+    outcome = Outcome(Execution.Status.COMPLETED, output=plan.entry.output, credits=price, cache=report)
     with transaction.atomic():
         if price and not account.is_unlimited and not credits_hold(account=account, amount=price):
             raise InsufficientCredits(tool=definition.name, needed=price, balance=credits_balance(account=account))
@@ -347,4 +355,5 @@ def execution_record_hit(
             last_executed_at=now,
         )
         cache_entry_hit(plan.entry, now)
-    return execution, Outcome(Execution.Status.COMPLETED, output=plan.entry.output, credits=price, cache=report), job
+        execution_ended.send(sender=Execution, execution=execution, outcome=outcome, job=job)
+    return execution, outcome, job
