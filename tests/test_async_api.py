@@ -315,12 +315,12 @@ def test_queue_down_then_back_the_next_request_is_queued(api, user, make_instanc
 
 @pytest.mark.django_db
 def test_sync_only_tool_run_async_points_at_execute_sync(api, user, make_instance):
-    instance = make_instance("json-transform", owner=user)
+    instance = make_instance("test-priced", owner=user)
 
-    response = execute_async(api, instance, {"expression": "a", "data": {}})
+    response = execute_async(api, instance, {"units": 1})
 
     body = assert_envelope(response, 409, "MODE_NOT_SUPPORTED")
-    assert body["error_message"] == "JSON Transform cannot run async; it supports only sync execution."
+    assert body["error_message"] == "Test Priced cannot run async; it supports only sync execution."
     [item] = body["metadata"]["action_items"]
     assert item["action"] == "use_sync"
     assert item["url"] == f"{BASE_URL}/api/v1/instances/{instance.pk}/execute-sync"

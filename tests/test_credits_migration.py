@@ -20,6 +20,7 @@ BEFORE_THE_MOVE = [
     ("instances", "0003_credentialauditentry"),
     ("executions", "0004_job_run_after"),
     ("credits", None),
+    ("workflows", None),  # it came later, and stands on the executions of today
 ]
 
 pytestmark = pytest.mark.django_db(transaction=True)

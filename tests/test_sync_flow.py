@@ -378,7 +378,7 @@ def test_tool_list_shows_each_tool_with_its_capabilities(api, catalog):
     assert transform["input_schema"]["required"] == ["expression", "data"]
     assert transform["output_schema"]["required"] == ["result"]
     assert transform["credential_slots"] == []
-    assert transform["modes"] == ["sync"]
+    assert transform["modes"] == ["sync", "async"]  # async as a workflow's glue
     assert transform["pricing"] == {"base_credits": 0.01, "credits_per_unit": 0.0, "unit": ""}
     assert transform["is_available"] is True
     assert transform["unavailable_reason"] is None
@@ -608,7 +608,7 @@ def test_capabilities_describe_what_the_instance_takes_and_costs(api):
     body = response.json()
     assert body["tool_definition_id"] == "json-transform"
     assert body["name"] == "JSON Transform"
-    assert body["modes"] == ["sync"]
+    assert body["modes"] == ["sync", "async"]
     assert body["input_schema"]["required"] == ["expression", "data"]
     assert body["output_schema"]["required"] == ["result"]
     assert body["defaults"] == {"expression": "a"}

@@ -373,3 +373,65 @@ class SecretHunterTool(Tool):
 
 
 WARM_WORKER_TOOLS = [WhoAmITool, NeverReturnsTool, NeverReturnsLongTool, SecretKeeperTool, SecretHunterTool]
+
+
+# --- Workflows (tests/test_workflow_engine.py) -----------------------------------------------
+
+
+def gauge_key(name: str) -> str:
+    return f"toolexec-test:gauge:{name}"
+
+
+class GaugeTool(Tool):
+    """Counts how many of its runs with the same ``gauge`` run at once: each adds one to a
+    Redis counter while it sleeps ``seconds`` and records the count it saw (``gauge_key(name) +
+    ":seen"``); gives back its ``value``."""
+
+    slug = "test-gauge"
+    name = "Test Gauge"
+    input_schema = {
+        "type": "object",
+        "properties": {"gauge": {"type": "string"}, "seconds": {"type": "number"}, "value": {}},
+        "required": ["gauge"],
+    }
+    modes = frozenset({ASYNC})
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import django_rq
+
+        redis, key = django_rq.get_connection("default"), gauge_key(inputs["gauge"])
+        redis.rpush(f"{key}:seen", redis.incr(f"{key}:running"))
+        try:
+            ctx.progress(50, "Holding its place")
+            ctx.sleep(float(inputs.get("seconds", 0.3)))
+        finally:
+            redis.decr(f"{key}:running")
+        return {"value": inputs.get("value")}
+
+
+class RateLimitedTool(Tool):
+    """Fails with UPSTREAM_RATE_LIMITED on the first ``failures`` runs of its ``counter``
+    (counted in Redis across executions), recording when each run began
+    (``gauge_key(counter) + ":at"``); never retried by the job itself."""
+
+    slug = "test-rate-limited"
+    name = "Test Rate Limited"
+    input_schema = {
+        "type": "object",
+        "properties": {"counter": {"type": "string"}, "failures": {"type": "integer", "minimum": 0}},
+        "required": ["counter"],
+    }
+    modes = frozenset({ASYNC})
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        import django_rq
+
+        redis, key = django_rq.get_connection("default"), gauge_key(inputs["counter"])
+        redis.rpush(f"{key}:at", time.time())
+        runs = redis.incr(f"{key}:runs")
+        if runs <= int(inputs.get("failures", 0)):
+            raise UpstreamRateLimited("the server answered 429 Too Many Requests", provider="Example API")
+        return {"runs": runs}
+
+
+ALL_TEST_TOOLS += [GaugeTool, RateLimitedTool]

@@ -94,6 +94,7 @@ INSTALLED_APPS = [
     "tools",
     "instances",
     "executions",
+    "workflows",
 ]
 
 MIDDLEWARE = [
@@ -254,6 +255,8 @@ SPECTACULAR_SETTINGS = {
         "JobStatusEnum": "executions.models.Job.Status",
         "InstanceStatusEnum": "instances.models.ToolInstance.Status",
         "CredentialStatusEnum": "instances.models.Credential.Status",
+        "WorkflowRunStatusEnum": "workflows.models.WorkflowRun.Status",
+        "StepRunStatusEnum": "workflows.models.StepRun.Status",
     },
 }
 
@@ -281,6 +284,9 @@ TOOLEXEC_IDEMPOTENCY_HOURS = env_int("TOOLEXEC_IDEMPOTENCY_HOURS", 24, minimum=1
 # The result cache (DESIGN.md §9): the largest output kept, and what a cache hit costs.
 TOOLEXEC_CACHE_MAX_BYTES = env_int("TOOLEXEC_CACHE_MAX_BYTES", 1024 * 1024, minimum=0)
 TOOLEXEC_CACHE_HIT_CREDITS = env_decimal("TOOLEXEC_CACHE_HIT_CREDITS", "0")
+# Workflows (DESIGN.md §10): the most items a for_each step fans out to, and the most steps.
+TOOLEXEC_WORKFLOW_MAX_FANOUT = env_int("TOOLEXEC_WORKFLOW_MAX_FANOUT", 1000, minimum=1)
+TOOLEXEC_WORKFLOW_MAX_STEPS = env_int("TOOLEXEC_WORKFLOW_MAX_STEPS", 200, minimum=1)
 
 # Files and outbound HTTP.
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(BASE_DIR / "media")))

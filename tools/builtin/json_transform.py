@@ -6,7 +6,7 @@ from jmespath.exceptions import IncompleteExpressionError, JMESPathError, LexerE
 
 from ..errors import InputInvalid
 from ..registry import register
-from ..sdk import SYNC, ExecutionContext, Tool
+from ..sdk import ASYNC, SYNC, ExecutionContext, Tool
 
 
 @register
@@ -33,7 +33,8 @@ class JsonTransform(Tool):
         "properties": {"result": {"description": "The value the expression selects."}},
         "required": ["result"],
     }
-    modes = frozenset({SYNC})
+    # Instant on execute-sync; async too, as the glue between a workflow's steps.
+    modes = frozenset({SYNC, ASYNC})
     cacheable = True  # a pure function of its inputs
     timeout_seconds = 10
     base_credits = Decimal("0.01")

@@ -1,0 +1,146 @@
+"""Query budgets of the workflow engine (DESIGN.md §10): a step's end, its run's advance and
+the hand-over of the next step cost the same number of queries whatever the size of the run,
+here a 1,000-item fan-out with concurrency 10 of a no-op tool, run to its end by the worker's
+own entry point in this process (``job_run``), so every query is counted."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connection, reset_queries
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from executions.models import Execution, Job
+from executions.services.jobs import job_run
+from workflows.models import StepRun, WorkflowRun
+from workflows.services.engine import run_advance, runs_reap
+from workflows.services.runs import run_start
+from workflows.services.workflows import workflow_create
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+# One step of a fan-out, from its claim to the hand-over of the next item: the job's claim (5)
+# and outcome (5), the engine's part in the outcome's transaction (the step's row, the run's
+# lock, the rows' states, the end, the next turn), and the next item's hand-over (the run's
+# lock, its row, its instance, the checks and the execution and job of any async run).
+STEP_BUDGET = 30
+
+
+def test_a_thousand_item_fan_out_costs_the_same_queries_per_step_from_the_first_to_the_last(user, make_instance):
+    lister, noop = make_instance(owner=user, name="list"), make_instance("test-noop", owner=user, name="each")
+    items = [f"item-{i}" for i in range(1000)]
+    workflow = workflow_create(
+        owner=user,
+        key=f"fan-{uuid.uuid4().hex[:6]}",
+        name="Fan-out",
+        definition={
+            "steps": [
+                {"id": "list", "instance": str(lister.pk), "inputs": {"expression": "@", "data": items}},
+                {
+                    "id": "each",
+                    "instance": str(noop.pk),
+                    "for_each": {"$expr": "steps.list.output.result"},
+                    "concurrency": 10,
+                    "inputs": {"echo": {"$expr": "item"}},
+                },
+            ]
+        },
+    )
+    run = run_start(workflow=workflow, inputs={}).run
+    counts: list[int] = []
+    while True:
+        job = Job.objects.filter(execution__workflow_steps__run=run, status="QUEUED").order_by("created_at").first()
+        if job is None:
+            break
+        reset_queries()  # the log keeps 9,000 queries; a run this size makes more
+        with CaptureQueriesContext(connection) as queries:
+            job_run(job_id=str(job.pk), worker_name="in-process")
+        counts.append(len(queries))
+
+    run.refresh_from_db()
+    assert run.status == "SUCCEEDED", run.error
+    assert StepRun.objects.filter(run=run, step_id="each", status="SUCCEEDED").count() == 1000
+    assert len(counts) == 1001
+    middle = counts[1:-10]  # the list step before, the last items (no next item to hand over) after
+    assert min(middle) == max(middle), f"the steps' queries vary with the run's size: {sorted(set(middle))}"
+    assert max(counts[1:]) <= STEP_BUDGET, counts
+    assert counts[0] <= 10 * STEP_BUDGET, "the list's end hands over the fan-out's first 10 items"
+
+
+def test_advancing_a_run_twice_does_nothing_twice(user, make_instance):
+    first, second = make_instance(owner=user, name="first"), make_instance(owner=user, name="second")
+    workflow = workflow_create(
+        owner=user,
+        key="twice",
+        name="Twice",
+        definition={
+            "steps": [
+                {"id": "first", "instance": str(first.pk), "inputs": {"expression": "@", "data": 1}},
+                {"id": "second", "instance": str(second.pk), "inputs": {"expression": "@", "data": 2}},
+            ]
+        },
+    )
+    run = run_start(workflow=workflow, inputs={}).run
+    before = list(StepRun.objects.filter(run=run).values_list("step_id", "status", "execution_id"))
+
+    run_advance(WorkflowRun.objects.select_related("version").get(pk=run.pk))
+    run_advance(WorkflowRun.objects.select_related("version").get(pk=run.pk))
+
+    assert list(StepRun.objects.filter(run=run).values_list("step_id", "status", "execution_id")) == before
+    assert Job.objects.filter(execution__workflow_steps__run=run).count() == 2
+
+
+def two_steps(user: Any, make_instance: Any) -> Any:
+    first, second = make_instance(owner=user, name="first"), make_instance(owner=user, name="second")
+    return workflow_create(
+        owner=user,
+        key=f"two-{uuid.uuid4().hex[:6]}",
+        name="Two steps",
+        definition={
+            "steps": [
+                {"id": "first", "instance": str(first.pk), "inputs": {"expression": "@", "data": 1}},
+                {"id": "second", "instance": str(second.pk), "inputs": {"expression": "@", "data": 2}},
+            ]
+        },
+    )
+
+
+def run_queued_jobs(run: WorkflowRun) -> None:
+    """Run the run's queued jobs here, as a worker would, until none is left."""
+    while job := Job.objects.filter(execution__workflow_steps__run=run, status="QUEUED").first():
+        job_run(job_id=str(job.pk), worker_name="in-process")
+
+
+def test_the_reaper_hands_over_a_step_whose_hand_over_was_lost_and_the_run_ends(user, make_instance):
+    run = run_start(workflow=two_steps(user, make_instance), inputs={}).run
+    # As if the process died after the run committed its rows and before it handed them over.
+    Execution.objects.filter(workflow_steps__run=run).delete()
+    assert StepRun.objects.filter(run=run, status="QUEUED", execution__isnull=True).count() == 2
+
+    counts = runs_reap(now=timezone.now() + timedelta(minutes=5))
+
+    assert counts["workflow_runs_advanced"] == 1
+    assert StepRun.objects.filter(run=run, execution__isnull=True).count() == 0
+    run_queued_jobs(run)
+    run.refresh_from_db()
+    assert run.status == "SUCCEEDED"
+
+
+def test_the_reaper_ends_a_run_whose_step_ended_without_the_run_hearing_of_it(user, make_instance):
+    run = run_start(workflow=two_steps(user, make_instance), inputs={}).run
+    # The executions end behind the engine's back (no signal): the run is left RUNNING.
+    Job.objects.filter(execution__workflow_steps__run=run).update(status="COMPLETED", progress=100)
+    Execution.objects.filter(workflow_steps__run=run).update(status="COMPLETED", output_data={"result": 1})
+    assert WorkflowRun.objects.get(pk=run.pk).status == "RUNNING"
+
+    runs_reap(now=timezone.now() + timedelta(minutes=5))
+
+    run.refresh_from_db()
+    assert run.status == "SUCCEEDED"
+    assert set(StepRun.objects.filter(run=run).values_list("status", flat=True)) == {"SUCCEEDED"}
+    runs_reap(now=timezone.now() + timedelta(minutes=10))  # twice: nothing twice
+    assert WorkflowRun.objects.get(pk=run.pk).finished_at == run.finished_at
