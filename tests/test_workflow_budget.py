@@ -115,19 +115,20 @@ def run_queued_jobs(run: WorkflowRun) -> None:
         job_run(job_id=str(job.pk), worker_name="in-process")
 
 
-def test_the_reaper_hands_over_a_step_whose_hand_over_was_lost_and_the_run_ends(user, make_instance):
+def test_the_reaper_ends_a_step_whose_execution_was_deleted_and_the_run_ends(user, make_instance):
     run = run_start(workflow=two_steps(user, make_instance), inputs={}).run
-    # As if the process died after the run committed its rows and before it handed them over.
-    Execution.objects.filter(workflow_steps__run=run).delete()
-    assert StepRun.objects.filter(run=run, status="QUEUED", execution__isnull=True).count() == 2
+    # An operator deletes one step's execution (its job with it) while it is queued.
+    Execution.objects.filter(workflow_steps__run=run, workflow_steps__step_id="first").delete()
+    run_queued_jobs(run)
+    assert WorkflowRun.objects.get(pk=run.pk).status == "RUNNING", "nothing else will end that step"
 
     counts = runs_reap(now=timezone.now() + timedelta(minutes=5))
 
     assert counts["workflow_runs_advanced"] == 1
-    assert StepRun.objects.filter(run=run, execution__isnull=True).count() == 0
-    run_queued_jobs(run)
     run.refresh_from_db()
-    assert run.status == "SUCCEEDED"
+    assert run.status == "FAILED"
+    assert run.error["metadata"]["step_id"] == "first"
+    assert "deleted" in run.error["error_message"]
 
 
 def test_the_reaper_ends_a_run_whose_step_ended_without_the_run_hearing_of_it(user, make_instance):

@@ -123,16 +123,16 @@ class WorkflowRun(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"run {self.pk} of {self.workflow_id} {self.status}"
+        return f"Run {str(self.pk)[:8]} ({self.status.lower()})"
 
 
 class StepRun(models.Model):
     """One step of a run, or one iteration of a ``for_each`` step: the execution it ran as
     (the latest attempt's), its resolved inputs (secrets redacted), output and error.
 
-    PENDING rows wait for their turn (a fan-out's concurrency); QUEUED ones were handed to
-    the execution service (``execution`` is set once the handing is committed); RUNNING once a
-    worker claimed its job. REUSED: a retry took the output of the run it retries."""
+    PENDING rows wait for their turn (a fan-out's concurrency, a retry's); QUEUED ones have
+    their execution accepted (``execution`` points to it); RUNNING once a worker claimed its
+    job. REUSED: a retry took the output of the run it retries."""
 
     class Status(models.TextChoices):
         PENDING = "PENDING"

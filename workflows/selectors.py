@@ -65,9 +65,7 @@ def step_detail(row: StepRun) -> dict[str, Any]:
         "attempt": row.attempt,
         "execution_id": str(row.execution_id) if row.execution_id else None,
         "job_id": str(job.pk) if job is not None else None,
-        "progress": (job.progress if in_flight else 100 if row.status == StepRun.Status.SUCCEEDED else None)
-        if job is not None
-        else (100 if row.status in (StepRun.Status.SUCCEEDED, StepRun.Status.REUSED) else 0),
+        "progress": _progress(row, job),
         "current_step": job.current_step if job is not None and in_flight else "",
         "run_after": row.run_after if in_flight else None,
         "started_at": row.started_at,
@@ -75,6 +73,13 @@ def step_detail(row: StepRun) -> dict[str, Any]:
         "output": row.output,
         "error": row.error,
     }
+
+
+def _progress(row: StepRun, job: Job | None) -> int:
+    """Its job's while in flight; 100 once it succeeded (or was reused); else how far it got."""
+    if row.status in (StepRun.Status.SUCCEEDED, StepRun.Status.REUSED):
+        return 100
+    return job.progress if job is not None else 0
 
 
 def run_detail(*, run: WorkflowRun) -> dict[str, Any]:
@@ -88,7 +93,7 @@ def run_detail(*, run: WorkflowRun) -> dict[str, Any]:
         "inputs": run.inputs,
         "output": run.output,
         "error": run.error,
-        "credits_consumed": str(run.credits_consumed),
+        "credits_consumed": float(run.credits_consumed),  # a number, as everywhere in the API
         "retry_of": str(run.retry_of_id) if run.retry_of_id else None,
         "created_at": run.created_at,
         "started_at": run.started_at,

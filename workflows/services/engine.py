@@ -2,19 +2,19 @@
 
 Every step runs as an ordinary async execution (``Execution.origin = "workflow"``). When one
 ends, executions sends ``execution_ended`` inside the transaction that records the outcome;
-the receiver locks the run, records the step's end (or schedules its retry) and advances the
-run: the steps that became ready get their rows in the same transaction, and are handed to the
-execution service when it commits (``step_dispatch``). The reaper's round advances any run
-whose steps all ended but which did not (``runs_reap``), and hands over again a step whose
-hand-over never happened, so a crash between two steps never leaves a run stuck.
+the receiver locks the run, records the step's end (or its retry) and advances the run: the
+steps that became ready get their rows, and the rows whose turn came have their executions
+accepted (``step_accept``), all in that same transaction; their jobs go to RQ when it
+commits. The reaper's round advances any run that went quiet (``runs_reap``), so a crash
+between two steps never leaves a run stuck.
 
 Everything that changes a run happens with its row locked (``select_for_update``), always the
 run before its steps, so advancing twice does nothing twice: what the first did is what the
 second reads.
 
-A step row is PENDING while it waits for its turn (a fan-out's concurrency), QUEUED once
-handed over (its ``execution`` set when the hand-over commits), RUNNING once a worker claimed
-its job, then SUCCEEDED, FAILED, SKIPPED, UPSTREAM_FAILED, CANCELLED or REUSED.
+A step row is PENDING until its turn comes (a fan-out's concurrency, a retry), QUEUED once its
+execution is accepted (it points to it), RUNNING once a worker claimed its job, then SUCCEEDED,
+FAILED, SKIPPED, UPSTREAM_FAILED, CANCELLED or REUSED.
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ class RunRows:
 
 def run_advance(run: WorkflowRun) -> None:
     """Take the run (locked by the caller, inside its transaction) as far as its steps' states
-    allow: new rows for the steps that became ready, the turn of waiting rows, and the run's
-    end once nothing is left to do. The rows handed over are dispatched when it commits."""
+    allow: new rows for the steps that became ready, the turn of waiting rows (their
+    executions accepted now, in this transaction: their jobs go to RQ when it commits), and
+    the run's end once nothing is left to do."""
     if run.status in WorkflowRun.TERMINAL:
         return
     definition = run_definition(run)
@@ -145,14 +146,15 @@ def run_advance(run: WorkflowRun) -> None:
         created = _create_ready(run, definition, rows, now)
         if not any(row.status in StepRun.TERMINAL for row in created):
             break  # nothing ended at birth (skipped, empty fan-out, refused): no new state to act on
-    dispatch = _take_turns(definition, rows)
     if all(rows.state(step_id) not in (NOT_STARTED, ACTIVE) for step_id in definition.steps):
         _finish(run, definition, rows, now)
         return
-    if dispatch and run.status == WorkflowRun.Status.QUEUED:
+    turns = _take_turns(definition, rows)
+    if turns and run.status == WorkflowRun.Status.QUEUED:
         WorkflowRun.objects.filter(pk=run.pk).update(status=WorkflowRun.Status.RUNNING, started_at=now)
         run.status, run.started_at = WorkflowRun.Status.RUNNING, now
-    _dispatch_on_commit(run, dispatch)
+    if turns and _hand_over(run, definition, turns):
+        run_advance(run)  # a step refused, or answered from the cache, at once: act on it
 
 
 def _first_failure(definition: Definition, rows: RunRows) -> Row | None:
@@ -222,8 +224,9 @@ def _rows_for(
 
 
 def step_error(step: Step, code: ErrorCode, detail: str) -> dict[str, Any]:
-    """The envelope of a step that could not be handed over (its expressions, its instance)."""
-    body = envelope(code, {"detail": f"Step {step.id!r}: {detail}"}, metadata={"step_id": step.id})
+    """The envelope of a step that could not run (its expressions, its instance), in words."""
+    body = envelope(code, {"detail": detail}, metadata={"step_id": step.id})
+    body["error_message"] = f"Step {step.id!r}: {detail}"
     return body
 
 
@@ -261,48 +264,44 @@ def step_view(step: Step, values: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _take_turns(definition: Definition, rows: RunRows) -> list[Row]:
-    """The PENDING rows whose turn has come (a fan-out runs at most ``concurrency`` at once),
-    now QUEUED: one update for all of them."""
+    """The PENDING rows whose turn has come: every one of a plain step, and of a fan-out as
+    many as its ``concurrency`` leaves room for beside its rows in flight."""
     taken: list[Row] = []
     for step_id, step in definition.steps.items():
         step_rows = rows.by_step.get(step_id, ())
         pending = [row for row in step_rows if row.status == Status.PENDING]
         if not pending:
             continue
-        in_flight = sum(row.status in (Status.QUEUED, Status.RUNNING) for row in step_rows)
+        in_flight = sum(row.status in StepRun.IN_FLIGHT for row in step_rows)
         room = (step.concurrency or 1) - in_flight if step.for_each is not None else len(pending)
         taken.extend(pending[: max(0, room)])
-    if taken:
-        StepRun.objects.filter(pk__in=[row.id for row in taken], status=Status.PENDING).update(
-            status=Status.QUEUED, updated_at=timezone.now()
-        )
-        for row in taken:
-            row.status = Status.QUEUED
     return taken
 
 
-def _dispatch_on_commit(run: WorkflowRun, rows: list[Row] | list[StepRun]) -> None:
-    if not rows:
-        return
-    run_id, ids = run.pk, [row.id for row in rows]
-    transaction.on_commit(lambda: steps_dispatch(run_id=run_id, step_run_ids=ids))
+def _hand_over(run: WorkflowRun, definition: Definition, turns: list[Row]) -> bool:
+    """Accept the execution of each row whose turn came (``step_accept``), and mark it in
+    ``turns`` as the row now is. True when one of them ended at once (refused, or answered
+    from the cache): the run has more to do."""
+    ended = False
+    by_id = {row.id: row for row in turns}
+    for row in StepRun.objects.filter(pk__in=list(by_id), status=Status.PENDING).order_by("iteration"):
+        step_accept(run, definition, row)
+        by_id[row.pk].status, by_id[row.pk].execution_id = row.status, row.execution_id
+        ended = ended or row.status in StepRun.TERMINAL
+    return ended
 
 
-def _wind_down(run: WorkflowRun, definition: Definition, rows: RunRows, failure: StepRun | None, now: datetime) -> None:
+def _wind_down(run: WorkflowRun, definition: Definition, rows: RunRows, failure: Row | None, now: datetime) -> None:
     """A run being cancelled, or failing (fail fast): nothing new starts. Rows waiting for
-    their turn or their hand-over end (CANCELLED, or UPSTREAM_FAILED), steps not started get
-    a row saying so; running ones finish; the run ends once none is left in flight."""
+    their turn (or a retry) end (CANCELLED, or UPSTREAM_FAILED), steps not started get a row
+    saying so; those in flight finish; the run ends once none is left in flight."""
     cancelling = run.status == WorkflowRun.Status.CANCELLING
     end_as = Status.CANCELLED if cancelling else Status.UPSTREAM_FAILED
-    waiting = [
-        row
-        for row in rows.all_rows()
-        if row.status == Status.PENDING or (row.status == Status.QUEUED and row.execution_id is None)
-    ]
+    waiting = [row for row in rows.all_rows() if row.status == Status.PENDING]
     if waiting:
-        StepRun.objects.filter(pk__in=[row.id for row in waiting], status__in=(Status.PENDING, Status.QUEUED)).filter(
-            execution__isnull=True
-        ).update(status=end_as, finished_at=now, updated_at=now)
+        StepRun.objects.filter(pk__in=[row.id for row in waiting], status=Status.PENDING).update(
+            status=end_as, finished_at=now, updated_at=now
+        )
         for row in waiting:
             row.status = end_as
             events.step_changed(run, row)
@@ -364,62 +363,41 @@ def _end_run(run: WorkflowRun, status: str, now: datetime, **fields: Any) -> Non
 # --- Handing steps to the execution service --------------------------------------------------
 
 
-def steps_dispatch(*, run_id: Any, step_run_ids: list[Any]) -> None:
-    """Hand each QUEUED row to the execution service, each in its own transaction (one
-    refusal does not undo the others)."""
-    for step_run_id in step_run_ids:
-        try:
-            step_dispatch(run_id=run_id, step_run_id=step_run_id)
-        except Exception:
-            # Left QUEUED without an execution: the reaper hands it over again (runs_reap).
-            logger.exception("Step run %s of run %s could not be handed over", step_run_id, run_id)
-
-
-def step_dispatch(*, run_id: Any, step_run_id: Any) -> None:
-    """The row's inputs resolved from its upstream outputs, and its execution accepted (the
-    checks of any async run: readiness, inputs, credits, the result cache), in one
-    transaction with the run locked; a refusal ends the step FAILED with its envelope. The job
-    goes to RQ when this commits. Does nothing for a row already handed over or ended."""
-    with transaction.atomic():
-        run = lock_run(run_id)
-        row = StepRun.objects.filter(pk=step_run_id, run_id=run_id).first()
-        if run is None or row is None or row.status != Status.QUEUED or row.execution_id is not None:
-            return
-        if run.status not in (WorkflowRun.Status.QUEUED, WorkflowRun.Status.RUNNING):
-            run_advance(run)  # cancelling: it ends the row
-            return
-        definition = run_definition(run)
-        step = definition.steps[row.step_id]
-        instance = (
-            ToolInstance.objects.select_related("tool", "owner__credit_account")
-            .filter(pk=step.instance_id, owner_id=run.owner_id)
-            .first()
-        )
-        error = None
-        try:
-            if instance is None:
-                raise ExpressionError("instance", "the instance it runs on no longer exists.")
-            inputs = evaluate(step.inputs, step_context(run, definition, step.refs, row), path="inputs")
-            accepted = execution_enqueue(instance=instance, inputs=inputs, origin=ORIGIN, run_after=row.run_after)
-        except ExpressionError as exc:
-            error = step_error(step, ErrorCode.INPUT_INVALID, f"{exc.path}: {exc.message}")
-        except ToolexecError as exc:
-            error = exc.envelope({"tool": instance.tool.name if instance else "", "instance_id": step.instance_id})
-            error["metadata"] = {**error.get("metadata", {}), "step_id": step.id}
-        now = timezone.now()
-        if error is not None:
-            _row_end(run, row, Status.FAILED, now, error=error)
-            run_advance(run)
-            return
-        execution = accepted.job.execution
-        row.execution, row.inputs, row.attempt = execution, redact(inputs), row.attempt + 1
-        row.updated_at = now
-        row.save(update_fields=["execution", "inputs", "attempt", "updated_at"])
-        job_id = str(accepted.job.pk)
-        transaction.on_commit(lambda: events.step_handed(run_id, row, job_id))
-        if execution.status in Execution.TERMINAL:
-            # Answered at once (a cached result): its end was sent before this row pointed to it.
-            step_execution_end(run=run, row=row, execution=execution, credits=execution.credits_consumed)
+def step_accept(run: WorkflowRun, definition: Definition, row: StepRun) -> None:
+    """A PENDING row's turn: its inputs resolved from its upstream outputs, and its execution
+    accepted (the checks of any async run: readiness, inputs, credits, the result cache) inside
+    the caller's transaction, the run locked; the job goes to RQ when it commits (due at the
+    row's ``run_after``: a retry's backoff). The row is QUEUED with its execution, in one
+    update, or ends FAILED with the refusal's envelope, or, answered from the cache, ends."""
+    step = definition.steps[row.step_id]
+    instance = (
+        ToolInstance.objects.select_related("tool", "owner__credit_account")
+        .filter(pk=step.instance_id, owner_id=run.owner_id)
+        .first()
+    )
+    error = None
+    try:
+        if instance is None:
+            raise ExpressionError("instance", "the instance it runs on no longer exists.")
+        inputs = evaluate(step.inputs, step_context(run, definition, step.refs, row), path="inputs")
+        accepted = execution_enqueue(instance=instance, inputs=inputs, origin=ORIGIN, run_after=row.run_after)
+    except ExpressionError as exc:
+        error = step_error(step, ErrorCode.INPUT_INVALID, f"{exc.path}: {exc.message}")
+    except ToolexecError as exc:
+        error = exc.envelope({"tool": instance.tool.name if instance else "", "instance_id": step.instance_id})
+        error["metadata"] = {**error.get("metadata", {}), "step_id": step.id}
+    now = timezone.now()
+    if error is not None:
+        _row_end(run, row, Status.FAILED, now, error=error)
+        return
+    execution = accepted.job.execution
+    row.status, row.execution, row.inputs, row.attempt = Status.QUEUED, execution, redact(inputs), row.attempt + 1
+    row.updated_at = now
+    row.save(update_fields=["status", "execution", "inputs", "attempt", "updated_at"])
+    events.step_changed(run, row, job_id=str(accepted.job.pk))
+    if execution.status in Execution.TERMINAL:
+        # Answered at once (a cached result): its end was sent before this row pointed to it.
+        step_execution_end(run=run, row=row, execution=execution, credits=execution.credits_consumed, advance=False)
 
 
 # --- A step's execution started or ended (executions.signals) --------------------------------
@@ -442,7 +420,7 @@ def step_execution_ended(*, execution: Execution, credits: Decimal) -> None:
         return
     found = StepRun.objects.filter(execution_id=execution.pk).values_list("pk", "run_id").first()
     if found is None:
-        return  # ended while being handed over (a cached result): step_dispatch records it
+        return  # ended while being accepted (a cached result): step_accept records it
     try:
         # A savepoint: whatever goes wrong in the run, the execution's own end commits (else its
         # job could never end), and the reaper advances the run later (runs_reap).
@@ -456,7 +434,11 @@ def step_execution_ended(*, execution: Execution, credits: Decimal) -> None:
         logger.exception("Run %s could not record the end of its step's execution %s", found[1], execution.pk)
 
 
-def step_execution_end(*, run: WorkflowRun, row: StepRun, execution: Execution, credits: Decimal) -> None:
+def step_execution_end(
+    *, run: WorkflowRun, row: StepRun, execution: Execution, credits: Decimal, advance: bool = True
+) -> None:
+    """Record the end of the row's execution (or, failed with attempts left, its retry), then,
+    unless told not to (the caller advances), advance the run."""
     if row.status not in StepRun.IN_FLIGHT or row.execution_id != execution.pk:
         return
     now = timezone.now()
@@ -467,9 +449,10 @@ def step_execution_end(*, run: WorkflowRun, row: StepRun, execution: Execution, 
     step = run_definition(run).steps[row.step_id]
     if status == Status.FAILED and run.status == WorkflowRun.Status.RUNNING and _retries(step, row, error):
         _row_retry(run, row, step, error, now)
-        return
-    _row_end(run, row, status, now, output=execution.output_data, error=error)
-    run_advance(run)
+    else:
+        _row_end(run, row, status, now, output=execution.output_data, error=error)
+    if advance:
+        run_advance(run)
 
 
 def _execution_error(execution: Execution) -> dict[str, Any] | None:
@@ -488,15 +471,14 @@ def _retries(step: Step, row: StepRun, error: dict[str, Any] | None) -> bool:
 
 
 def _row_retry(run: WorkflowRun, row: StepRun, step: Step, error: dict[str, Any] | None, now: datetime) -> None:
-    """Back to QUEUED for its next attempt, due after the step's backoff; handed over (as a new
-    execution) when this commits."""
+    """Back to PENDING for its next attempt, as a new execution due after the step's backoff
+    (the advance that follows hands it over)."""
     run_after = now + timedelta(seconds=step.retry.delay(row.attempt))
     StepRun.objects.filter(pk=row.pk).update(
-        status=Status.QUEUED, execution=None, run_after=run_after, error=error, updated_at=now
+        status=Status.PENDING, execution=None, run_after=run_after, error=error, updated_at=now
     )
-    row.status, row.execution_id, row.run_after, row.error = Status.QUEUED, None, run_after, error
+    row.status, row.execution_id, row.run_after, row.error = Status.PENDING, None, run_after, error
     events.step_changed(run, row)
-    _dispatch_on_commit(run, [row])
 
 
 def _row_end(run: WorkflowRun, row: StepRun, status: str, now: datetime, **fields: Any) -> None:
@@ -515,15 +497,15 @@ REAP_BATCH = 100
 
 def runs_reap(*, now: datetime | None = None) -> dict[str, int]:
     """Runs in flight that have not changed for TOOLEXEC_QUEUE_RECOVERY_SECONDS: rows whose
-    hand-over never happened are handed over, rows whose execution ended without the run
-    hearing of it record that end, and the run is advanced. Doing it twice does nothing twice."""
+    execution ended without the run hearing of it record that end, and the run is advanced
+    (rows whose turn came are handed over). Doing it twice does nothing twice."""
     now = now or timezone.now()
     quiet_since = now - timedelta(seconds=settings.TOOLEXEC_QUEUE_RECOVERY_SECONDS)
     stale = WorkflowRun.objects.filter(status__in=WorkflowRun.IN_FLIGHT, updated_at__lt=quiet_since)
     counts = {"workflow_runs_advanced": 0}
     for run_id in stale.order_by("updated_at").values_list("pk", flat=True)[:REAP_BATCH]:
         try:
-            run_reap(run_id=run_id, quiet_since=quiet_since)
+            run_reap(run_id=run_id)
         except DatabaseError:
             logger.exception("Run %s could not be advanced; the next round tries again", run_id)
             continue
@@ -545,7 +527,11 @@ def run_fail_broken(*, run_id: Any) -> None:
     )
 
 
-def run_reap(*, run_id: Any, quiet_since: datetime) -> None:
+def row_step(run: WorkflowRun, row: StepRun) -> Step:
+    return run_definition(run).steps[row.step_id]
+
+
+def run_reap(*, run_id: Any) -> None:
     with transaction.atomic():
         run = lock_run(run_id)
         if run is None or run.status in WorkflowRun.TERMINAL:
@@ -555,10 +541,17 @@ def run_reap(*, run_id: Any, quiet_since: datetime) -> None:
         ).select_related("execution")
         for row in unheard:
             assert row.execution is not None
-            step_execution_end(run=run, row=row, execution=row.execution, credits=row.execution.credits_consumed)
-        lost = StepRun.objects.filter(
-            run=run, status=Status.QUEUED, execution__isnull=True, updated_at__lt=quiet_since
-        ).values_list("pk", flat=True)
-        _dispatch_on_commit(run, [StepRun(pk=pk) for pk in lost])
+            credits = row.execution.credits_consumed
+            step_execution_end(run=run, row=row, execution=row.execution, credits=credits, advance=False)
+        gone = StepRun.objects.filter(run=run, status__in=StepRun.IN_FLIGHT, execution__isnull=True)
+        for row in gone:  # its execution was deleted (an operator): it will never end by itself
+            detail = "its execution was deleted before it ended."
+            _row_end(
+                run,
+                row,
+                Status.FAILED,
+                timezone.now(),
+                error=step_error(row_step(run, row), ErrorCode.TOOL_ERROR, detail),
+            )
         WorkflowRun.objects.filter(pk=run.pk).update(updated_at=timezone.now())
-        run_advance(run)
+        run_advance(run)  # rows whose turn came and were not handed over (a crash) are now

@@ -85,8 +85,8 @@ class WorkflowReadiness:
             "error_message": message,
             "action_items": items if not ready else [],
             "credits": {
-                "estimate": str(self.estimate),
-                "balance": None if self.account.is_unlimited else str(self.account.balance),
+                "estimate": float(self.estimate),
+                "balance": None if self.account.is_unlimited else float(self.account.balance),
                 "covered": self.credits_covered,
             },
             "checks": [step.as_dict() for step in self.steps],

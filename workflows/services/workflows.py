@@ -58,15 +58,18 @@ def workflow_create(
 def workflow_update(*, workflow: Workflow, **changes: Any) -> Workflow:
     """Change its key, name or description (its definition changes by a new version)."""
     fields = [name for name in ("key", "name", "description") if name in changes]
-    for name in fields:
-        setattr(workflow, name, changes[name])
     if not fields:
         return workflow
+    before = {name: getattr(workflow, name) for name in fields}
+    for name in fields:
+        setattr(workflow, name, changes[name])
     try:
         with transaction.atomic():
             workflow.save(update_fields=[*fields, "updated_at"])
     except IntegrityError:
-        raise _key_taken(workflow.key) from None
+        for name, value in before.items():  # the caller's object says what is stored
+            setattr(workflow, name, value)
+        raise _key_taken(changes["key"]) from None
     return workflow
 
 
