@@ -33,7 +33,7 @@ from .services.control import job_cancel
 from .services.enqueue import execution_enqueue
 from .services.recovery import job_check_alive
 from .services.sync import execution_run_sync
-from .streams import job_event_stream
+from .streams import job_event_response
 
 
 class ExecutionSerializer(serializers.ModelSerializer):
@@ -242,7 +242,7 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
     @action(detail=True, methods=["post"], url_path="execute-async")
     def execute_async(self, request: Request, pk: str | None = None) -> Response:
         instance = self.get_object()
-        key = _idempotency_key(request)
+        key = idempotency_key_of(request)
         control = CacheControl.parse(request.headers.get("Cache-Control"))
         accepted = execution_enqueue(
             instance=instance, inputs=_form_inputs(request, instance), idempotency_key=key, cache_control=control
@@ -283,7 +283,7 @@ class InstanceRunViewSet(viewsets.GenericViewSet):
 _IDEMPOTENCY_KEY = serializers.CharField(max_length=255, allow_blank=True)  # stored: no NUL, not overlong
 
 
-def _idempotency_key(request: Request) -> str:
+def idempotency_key_of(request: Request) -> str:
     try:
         return _IDEMPOTENCY_KEY.run_validation(request.headers.get("Idempotency-Key", ""))
     except serializers.ValidationError as exc:
@@ -434,8 +434,4 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     # JSON first: an error answers in JSON unless the client asked for text/event-stream only.
     @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, EventStreamRenderer])
     def events(self, request: Request, *args: Any, **kwargs: Any) -> StreamingHttpResponse:
-        job = self.get_object()
-        response = StreamingHttpResponse(job_event_stream(job_id=str(job.pk)), content_type="text/event-stream")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
-        return response
+        return job_event_response(request, str(self.get_object().pk))

@@ -42,7 +42,7 @@ from .services.control import job_cancel
 from .services.enqueue import execution_enqueue
 from .services.recovery import job_check_alive
 from .services.sync import execution_run_sync
-from .streams import job_event_stream
+from .streams import job_event_response
 
 TABLE_ROWS_SHOWN = 200
 JSON_CHARS_SHOWN = 200_000
@@ -561,11 +561,7 @@ def job_fragment(request: HttpRequest, job_id: str) -> HttpResponse:
 @require_GET
 def job_events(request: HttpRequest, job_id: str) -> StreamingHttpResponse:
     """The job's events stream (as the API's), with the pages' permissions."""
-    job = _visible_job(request, job_id)
-    response = StreamingHttpResponse(job_event_stream(job_id=str(job.pk)), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    return job_event_response(request, str(_visible_job(request, job_id).pk))
 
 
 @login_required

@@ -1,69 +1,69 @@
-"""The live event stream of a job: Server-Sent Events fed by Redis pub/sub."""
+"""Server-Sent Events of a topic's live events (executions/live.py): a job's, a workflow
+run's. Each event's ``seq`` is its ``id:`` line, so a client that reconnects with
+``Last-Event-ID`` (EventSource does it by itself) gets every event it missed, once.
+
+Under ASGI the stream is an async iterator (redis.asyncio, through the process's hub): a
+synchronous generator would be consumed whole before the first byte went out. Under WSGI
+(gunicorn gthread) it is a generator that holds its thread, as before.
+"""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from django.db import close_old_connections
-from redis.exceptions import RedisError
+from django.http import HttpRequest, StreamingHttpResponse
 
-from . import events
-from .models import Job
-from .selectors import job_state
+from . import live
+from .events import Topic
 
 KEEPALIVE_SECONDS = 15.0
 MAX_STREAM_SECONDS = 3600.0
 
 
-def _sse(event: dict[str, Any]) -> str:
-    return f"event: {event.get('event', 'state')}\ndata: {json.dumps(event, default=str)}\n\n"
+def sse(event: dict[str, Any] | None) -> str:
+    """One event in the stream's format (a comment line for None: a keep-alive)."""
+    if event is None:
+        return ": keep-alive\n\n"
+    ident = f"id: {event['seq']}\n" if event.get("seq") else ""
+    return f"{ident}event: {event.get('event', 'state')}\ndata: {json.dumps(event, default=str)}\n\n"
 
 
-def job_event_stream(*, job_id: str, keepalive: float = KEEPALIVE_SECONDS) -> Iterator[str]:
-    """The job's current state first (a late listener misses nothing), then every progress and
-    state event until the terminal one. The database is re-read at every keep-alive, so a lost
-    pub/sub message (or Redis going away) cannot leave the stream waiting forever."""
-    pubsub = None
-    try:
-        try:
-            pubsub = events.redis().pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(events.channel(job_id))
-        except RedisError:
-            pubsub = None
-        state = job_state(job_id=job_id)
-        yield _sse(state)
-        if state["status"] in Job.TERMINAL:
-            return
-        deadline = time.monotonic() + MAX_STREAM_SECONDS
-        while time.monotonic() < deadline:
-            message = None
-            if pubsub is not None:
-                try:
-                    message = pubsub.get_message(timeout=keepalive)
-                except RedisError:
-                    pubsub = None
-            else:
-                time.sleep(min(keepalive, 1.0))
-            if message and message.get("type") == "message":
-                event = json.loads(message["data"])
-                if event.get("status") in Job.TERMINAL:
-                    # Terminal: send the full recorded state, then end.
-                    yield _sse(job_state(job_id=job_id))
-                    return
-                yield _sse(event)
-                continue
-            state = job_state(job_id=job_id)
-            if state["status"] in Job.TERMINAL:
-                yield _sse(state)
-                return
-            yield ": keep-alive\n\n"
-    finally:
-        if pubsub is not None:
-            try:
-                pubsub.close()
-            except RedisError:
-                pass
-        close_old_connections()
+def last_event_id(request: HttpRequest) -> int | None:
+    """The ``seq`` a reconnecting client saw last (its Last-Event-ID header), or None."""
+    raw = request.META.get("HTTP_LAST_EVENT_ID", "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
+def event_stream_response(
+    request: HttpRequest, topic: Topic, current: Callable[[], dict[str, Any]]
+) -> StreamingHttpResponse:
+    """The topic's events as ``text/event-stream``, for the server this request came through."""
+    after = last_event_id(request)
+    if "wsgi.version" in request.META:
+        body: Iterator[str] | AsyncIterator[str] = _sync_stream(topic, current, after)
+    else:
+        body = _async_stream(topic, current, after)
+    response = StreamingHttpResponse(body, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
+    return response
+
+
+def _sync_stream(topic: Topic, current: Callable[[], dict[str, Any]], after: int | None) -> Iterator[str]:
+    for event in live.follow_sync(
+        topic, current=current, after=after, keepalive=KEEPALIVE_SECONDS, lifetime=MAX_STREAM_SECONDS
+    ):
+        yield sse(event)
+
+
+async def _async_stream(topic: Topic, current: Callable[[], dict[str, Any]], after: int | None) -> AsyncIterator[str]:
+    async for event in live.follow(topic, current=current, after=after, keepalive=KEEPALIVE_SECONDS):
+        yield sse(event)
+
+
+def job_event_response(request: HttpRequest, job_id: str) -> StreamingHttpResponse:
+    """A job's events: its current state first (or what a reconnecting client missed), then
+    each progress and state event until the terminal one."""
+    return event_stream_response(request, Topic.job(job_id), lambda: live.job_current(job_id))

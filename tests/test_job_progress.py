@@ -232,7 +232,8 @@ def _assert_every_change_published(published: list[dict[str, Any]], calls: int) 
     values = [e["progress"] for e in progress_events]
     assert values == sorted(values), "progress went down in the published events"
     assert progress_events[-1]["current_step"] == f"Item {calls} of {calls}"
-    assert published[0] == {"event": "state", "status": "RUNNING", "progress": 0}
+    assert [e["seq"] for e in published] == list(range(1, len(published) + 1)), "numbered 1, 2, 3 … in order"
+    assert published[0] == {"seq": 1, "event": "state", "status": "RUNNING", "progress": 0}
     assert (published[-1]["event"], published[-1]["status"], published[-1]["progress"]) == ("state", "COMPLETED", 100)
     assert [e for e in published if e.get("status") in Job.TERMINAL] == [published[-1]]
 

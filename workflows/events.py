@@ -5,28 +5,25 @@ run's event stream follows for the steps in flight (workflows/streams.py)."""
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
-from redis.exceptions import RedisError
 
 from executions import events as job_events
+from executions.events import Topic
 
 if TYPE_CHECKING:
     from .models import StepRun, WorkflowRun
 
 
 def channel(run_id: Any) -> str:
-    return f"toolexec:workflow-run:{run_id}:events"
+    return Topic.run(run_id).channel
 
 
 def publish(run_id: Any, event: dict[str, Any]) -> None:
-    """Tell live listeners; a Redis hiccup never fails the run, the database has the truth."""
-    try:
-        job_events.redis().publish(channel(run_id), json.dumps(event, default=str))
-    except RedisError:
-        pass
+    """Tell live listeners (numbered and kept, as a job's events are: executions/events.py); a
+    Redis hiccup never fails the run, the database has the truth."""
+    job_events.publish_to(Topic.run(run_id), event)
 
 
 def step_event(row: StepRun | Any, **extra: Any) -> dict[str, Any]:
@@ -40,14 +37,10 @@ def step_event(row: StepRun | Any, **extra: Any) -> dict[str, Any]:
     }
 
 
-def step_changed(run: WorkflowRun, row: StepRun) -> None:
-    event = step_event(row)
+def step_changed(run: WorkflowRun, row: StepRun | Any, **extra: Any) -> None:
+    """Announce the row's change once it commits (``job_id``: its job, for a stream to follow)."""
+    event = step_event(row, **extra)
     transaction.on_commit(lambda: publish(run.pk, event))
-
-
-def step_handed(run_id: Any, row: StepRun, job_id: str) -> None:
-    """Published after the commit already: the stream starts following the step's job."""
-    publish(run_id, step_event(row, job_id=job_id))
 
 
 def run_changed(run: WorkflowRun) -> None:
