@@ -60,6 +60,17 @@ API_ROUTES = [
     ("get", "/api/v1/files/{file}/"),
     ("delete", "/api/v1/files/{file}/"),
     ("get", "/api/v1/executions/{execution}/"),
+    ("get", "/api/v1/workflows/{workflow}/"),
+    ("patch", "/api/v1/workflows/{workflow}/"),
+    ("delete", "/api/v1/workflows/{workflow}/"),
+    ("get", "/api/v1/workflows/{workflow}/validate/"),
+    ("post", "/api/v1/workflows/{workflow}/runs/"),
+    ("get", "/api/v1/workflows/{workflow}/versions/"),
+    ("post", "/api/v1/workflows/{workflow}/versions/"),
+    ("get", "/api/v1/workflow-runs/{run}/"),
+    ("post", "/api/v1/workflow-runs/{run}/cancel/"),
+    ("post", "/api/v1/workflow-runs/{run}/retry/"),
+    ("get", "/api/v1/workflow-runs/{run}/events/"),
 ]
 
 PAGE_ROUTES = [
@@ -97,6 +108,11 @@ def ids(api: APIClient, catalog: Any) -> dict[str, str]:
     ).json()["id"]
     upload = SimpleUploadedFile("people.csv", b"name\nAda\n", "text/csv")
     file = api.post("/api/v1/files/", {"file": upload}, format="multipart").json()["id"]
+    definition = {"steps": [{"id": "a", "instance": instance, "inputs": {"echo": "hi"}}]}
+    workflow = api.post(
+        "/api/v1/workflows/", {"key": "real", "name": "real", "definition": definition}, format="json"
+    ).json()["id"]
+    run = api.post(f"/api/v1/workflows/{workflow}/runs", {}, format="json").json()["run_id"]
     return {
         "tool": NoopTool.slug,
         "instance": instance,
@@ -104,6 +120,8 @@ def ids(api: APIClient, catalog: Any) -> dict[str, str]:
         "execution": accepted["execution_id"],
         "credential": credential,
         "file": file,
+        "workflow": workflow,
+        "run": run,
     }
 
 

@@ -284,6 +284,10 @@ TOOLEXEC_IDEMPOTENCY_HOURS = env_int("TOOLEXEC_IDEMPOTENCY_HOURS", 24, minimum=1
 # The result cache (DESIGN.md §9): the largest output kept, and what a cache hit costs.
 TOOLEXEC_CACHE_MAX_BYTES = env_int("TOOLEXEC_CACHE_MAX_BYTES", 1024 * 1024, minimum=0)
 TOOLEXEC_CACHE_HIT_CREDITS = env_decimal("TOOLEXEC_CACHE_HIT_CREDITS", "0")
+# Live events (DESIGN.md §11): how many of a job's events its stream keeps for a listener that
+# reconnects, and how long after the job ended.
+TOOLEXEC_EVENT_STREAM_MAXLEN = env_int("TOOLEXEC_EVENT_STREAM_MAXLEN", 1000, minimum=10)
+TOOLEXEC_EVENT_RETENTION_SECONDS = env_int("TOOLEXEC_EVENT_RETENTION_SECONDS", 3600, minimum=1)
 # Workflows (DESIGN.md §10): the most items a for_each step fans out to, and the most steps.
 TOOLEXEC_WORKFLOW_MAX_FANOUT = env_int("TOOLEXEC_WORKFLOW_MAX_FANOUT", 1000, minimum=1)
 TOOLEXEC_WORKFLOW_MAX_STEPS = env_int("TOOLEXEC_WORKFLOW_MAX_STEPS", 200, minimum=1)

@@ -10,6 +10,7 @@ from executions.api import ExecutionViewSet, InstanceRunViewSet, JobViewSet
 from instances.api import CredentialViewSet, InstanceViewSet
 from instances.files_api import FileViewSet
 from tools.api import ToolViewSet
+from workflows.api import WorkflowRunViewSet, WorkflowVersionViewSet, WorkflowViewSet
 
 router = ApiRouter()
 router.register("tools", ToolViewSet, basename="tool")
@@ -19,6 +20,11 @@ router.register(rf"instances/(?P<instance_id>{UUID_PATTERN})/jobs", JobViewSet, 
 router.register("credentials", CredentialViewSet, basename="credential")
 router.register("files", FileViewSet, basename="file")
 router.register("executions", ExecutionViewSet, basename="execution")
+router.register("workflows", WorkflowViewSet, basename="workflow")
+router.register(
+    rf"workflows/(?P<workflow_id>{UUID_PATTERN})/versions", WorkflowVersionViewSet, basename="workflow-version"
+)
+router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/api/v1/", permanent=False)),
@@ -29,6 +35,7 @@ urlpatterns = [
     path("api-auth/", include("rest_framework.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("status/", include("executions.page_urls")),
+    path("status/workflows/", include("workflows.page_urls")),
     path("credentials/oauth/", include("instances.oauth_urls")),
     path("admin/django-rq/", include(rq_dashboard_urls())),
     path("admin/", admin.site.urls),
