@@ -33,6 +33,15 @@ GROUPS: list[tuple[str, list[tuple[str, str]]]] = [
         ],
     ),
     ("Runs", [("executions", "Execution"), ("executions", "Job"), ("executions", "CacheEntry")]),
+    (
+        "Workflows",
+        [
+            ("workflows", "Workflow"),
+            ("workflows", "WorkflowVersion"),
+            ("workflows", "WorkflowRun"),
+            ("workflows", "StepRun"),
+        ],
+    ),
     ("Billing", [("credits", "CreditAccount"), ("credits", "CreditLedgerEntry")]),
 ]
 

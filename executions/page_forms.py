@@ -93,7 +93,7 @@ class JSONChoiceField(forms.TypedChoiceField):
         super().__init__(choices=choices, coerce=json.loads, empty_value=None, required=required, **kwargs)
 
 
-def _input_field(prop: dict[str, Any], *, required: bool, initial: Any) -> forms.Field:
+def input_field(prop: dict[str, Any], *, required: bool, initial: Any) -> forms.Field:
     options: dict[str, Any] = {
         "required": required,
         "label": prop.get("title") or None,
@@ -153,7 +153,7 @@ class TryItForm(forms.Form):
             prop = properties[name] if isinstance(properties[name], dict) else {}
             key = FIELD_PREFIX + name
             self.input_names[key] = name
-            field = _input_field(
+            field = input_field(
                 prop,
                 required=name in required and name not in instance.config,
                 initial=instance.config.get(name, prop.get("default")),

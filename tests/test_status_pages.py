@@ -411,8 +411,9 @@ def test_try_it_explains_why_an_instance_that_is_not_ready_cannot_run(page, tran
     assert f'href="https://toolexec.test/api/v1/instances/{transform.pk}/activate"' in body
 
 
-def test_try_it_refuses_a_mode_the_tool_does_not_have(page, transform):
-    response = page.post(f"/status/instances/{transform.pk}/", {"in_expression": "a", "in_data": "{}", "mode": "async"})
+def test_try_it_refuses_a_mode_the_tool_does_not_have(page, make_instance, user):
+    priced = make_instance("test-priced", owner=user)  # sync only
+    response = page.post(f"/status/instances/{priced.pk}/", {"in_units": "1", "mode": "async"})
     assert response.status_code == 400
     assert "Select a valid choice" in text(response)
     assert not Execution.objects.exists()
