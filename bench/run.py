@@ -29,6 +29,7 @@ BENCHMARKS = {
     "memory": "bench.worker_memory",
     "cpu": "bench.platform_cpu",
     "cache": "bench.cache_hit",
+    "workflow": "bench.workflow_steps",
     "history": "bench.history_scale",
 }
 # BENCH_DOC writes elsewhere (to develop a benchmark without touching the committed document)

@@ -85,4 +85,19 @@ class BenchFirstLineTool(Tool):
         return {}
 
 
-BENCH_TOOLS = [BenchNoopTool, BenchCachedNoopTool, BenchProgressTool, BenchFirstLineTool]
+class BenchLastLineTool(Tool):
+    """Returns the wall-clock times of its first and last lines as its output, which the
+    product records with its execution: nothing of the tool runs after the last line but the
+    return. Benchmark 10's first step, whose end its dependent's start is measured from."""
+
+    slug = "bench-last-line"
+    name = "Bench Last Line"
+    input_schema = {"type": "object", "properties": {}}
+    modes = frozenset({ASYNC})
+
+    def run(self, inputs: dict[str, Any], ctx: ExecutionContext) -> dict[str, Any]:
+        first_line = time.time()
+        return {"first_line": first_line, "last_line": time.time()}
+
+
+BENCH_TOOLS = [BenchNoopTool, BenchCachedNoopTool, BenchProgressTool, BenchFirstLineTool, BenchLastLineTool]
