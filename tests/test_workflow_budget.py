@@ -13,12 +13,14 @@ import pytest
 from django.db import connection, reset_queries
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from executions.models import Execution, Job
-from executions.services.jobs import job_run
+from executions.services.jobs import job_claim, job_run
+from tests.test_async_api import free_port
 from workflows.models import StepRun, WorkflowRun
 from workflows.services.engine import run_advance, runs_reap
-from workflows.services.runs import run_start
+from workflows.services.runs import run_cancel, run_start
 from workflows.services.workflows import workflow_create
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -145,3 +147,21 @@ def test_the_reaper_ends_a_run_whose_step_ended_without_the_run_hearing_of_it(us
     assert set(StepRun.objects.filter(run=run).values_list("status", flat=True)) == {"SUCCEEDED"}
     runs_reap(now=timezone.now() + timedelta(minutes=10))  # twice: nothing twice
     assert WorkflowRun.objects.get(pk=run.pk).finished_at == run.finished_at
+
+
+def test_a_cancel_redis_cannot_take_still_cancels_every_step_and_says_so(user, make_instance, settings):
+    run = run_start(workflow=two_steps(user, make_instance), inputs={}).run
+    jobs = list(Job.objects.filter(execution__workflow_steps__run=run))
+    for job in jobs:  # both steps running, as on a worker
+        job_claim(job_id=str(job.pk), worker_name="in-process")
+    real_queues = settings.RQ_QUEUES
+    settings.RQ_QUEUES = {"default": {"URL": f"redis://127.0.0.1:{free_port()}/0", "DEFAULT_TIMEOUT": 600}}
+
+    with pytest.raises(RedisError):
+        run_cancel(run=run)
+
+    settings.RQ_QUEUES = real_queues
+    assert WorkflowRun.objects.get(pk=run.pk).status == "CANCELLING"
+    assert all(job.cancel_requested_at for job in Job.objects.filter(pk__in=[j.pk for j in jobs])), (
+        "each step's job was told, for the reaper to stop"
+    )

@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from core.errors import ErrorCode, ToolexecError
 from executions.models import Job
@@ -124,7 +125,8 @@ def _idempotent_replay(*, owner_id: int, key: str, fingerprint: str) -> Workflow
 def run_cancel(*, run: WorkflowRun) -> WorkflowRun:
     """CANCELLING: nothing new starts, steps waiting for their turn end CANCELLED, and every
     step's job in flight is cancelled (the job cancel of any async run); the run ends
-    CANCELLED once they all have. Refused once the run has ended."""
+    CANCELLED once they all have. Refused once the run has ended. Raises RedisError, once every
+    job was tried, when Redis could not be told of one (the reaper stops it later)."""
     with transaction.atomic():
         locked = lock_run(run.pk)
         assert locked is not None
@@ -141,11 +143,17 @@ def run_cancel(*, run: WorkflowRun) -> WorkflowRun:
                 status__in=(Job.Status.QUEUED, Job.Status.RUNNING),
             ).values_list("pk", flat=True)
         )
+    unreachable: RedisError | None = None
     for job in Job.objects.filter(pk__in=job_ids).select_related("execution__tool"):
         try:
             job_cancel(job=job)  # its end reaches the run through the engine
         except JobFinished:
             pass  # it ended meanwhile, and the run heard of it
+        except RedisError as exc:
+            # Recorded; the reaper stops it once Redis answers. The other steps go on being cancelled.
+            unreachable = exc
+    if unreachable is not None:
+        raise unreachable
     return WorkflowRun.objects.get(pk=run.pk)
 
 
