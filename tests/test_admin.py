@@ -78,12 +78,13 @@ def test_index_groups_models_by_what_operators_do(admin_client):
     response = admin_client.get(reverse("admin:index"))
     assert response.status_code == 200
     groups = [app["name"] for app in response.context["app_list"]]
-    assert groups[:4] == ["Catalog", "Access", "Runs", "Billing"]
+    assert groups[:5] == ["Catalog", "Access", "Runs", "Workflows", "Billing"]
     names = {app["name"]: [m["object_name"] for m in app["models"]] for app in response.context["app_list"]}
     assert names["Catalog"] == ["ToolDefinition"]
     assert names["Access"][:3] == ["Credential", "CredentialAuditEntry", "ToolInstance"]
     assert {"ApiToken", "User", "Group"} <= set(names["Access"])
     assert names["Runs"] == ["Execution", "Job", "CacheEntry", "RQDashboard"]
+    assert names["Workflows"] == ["Workflow", "WorkflowVersion", "WorkflowRun", "StepRun"]
     assert names["Billing"] == ["CreditAccount", "CreditLedgerEntry"]
     assert 'href="/admin/django-rq/"' in response.content.decode()
 

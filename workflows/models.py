@@ -175,7 +175,7 @@ class StepRun(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        ordering = ["run", "created_at", "iteration"]
+        ordering = ["created_at", "iteration"]  # of a run: as created, a fan-out in item order
         constraints = [
             # Advancing twice creates nothing twice. Also the index of a run's steps.
             models.UniqueConstraint(fields=["run", "step_id", "iteration"], name="steprun_run_step_iteration_unique"),
