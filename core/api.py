@@ -24,6 +24,7 @@ from .auth import token_issue_for_login
 from .errors import ErrorCode, ToolexecError, envelope, http_status
 from .schema import error_responses
 from .throttles import ScopedThrottle
+from .ws_auth import TICKET_SECONDS, ws_ticket_issue
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +223,25 @@ class TokenView(APIView):
         data.is_valid(raise_exception=True)
         key = token_issue_for_login(request=request, **data.validated_data)
         return Response({"token": key}, status=status.HTTP_200_OK)
+
+
+class WebsocketTicketView(APIView):
+    """A single-use ticket for a WebSocket (``wss://…/ws/v1/…?ticket=…``), valid for 60 seconds:
+    for a client that cannot send the token subprotocol. Authenticated and throttled like
+    every API endpoint."""
+
+    @extend_schema(
+        request=None,
+        responses={
+            201: inline_serializer(
+                "WebsocketTicket",
+                {
+                    "ticket": serializers.CharField(help_text="Pass it as ?ticket= when opening a WebSocket; once."),
+                    "expires_in": serializers.IntegerField(help_text="Seconds it stays valid."),
+                },
+            )
+        },
+    )
+    def post(self, request: Request) -> Response:
+        ticket = ws_ticket_issue(user=request.user)
+        return Response({"ticket": ticket, "expires_in": TICKET_SECONDS}, status=status.HTTP_201_CREATED)

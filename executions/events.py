@@ -56,7 +56,8 @@ UNFINISHED_TTL = 24 * 3600
 
 _PUBLISH = """
 local seq = redis.call('INCR', KEYS[1])
-local message = '{"seq":' .. seq .. ',' .. string.sub(ARGV[1], 2)
+local rest = string.sub(ARGV[1], 2)
+local message = '{"seq":' .. seq .. (rest == '}' and '' or ',') .. rest
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', message)
 redis.call('PUBLISH', KEYS[3], message)
 redis.call('EXPIRE', KEYS[1], ARGV[3])

@@ -168,6 +168,7 @@ class Hub:
         self.pubsub: Any = None
         self.reader: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
+        self.listening = asyncio.Event()  # set while anyone listens: the reader waits on it
 
     async def listen(self, channel: str, queue: Queue | None = None) -> Queue:
         """Put ``(channel, event)`` in ``queue`` (a new one by default) for each of its events."""
@@ -179,6 +180,7 @@ class Hub:
             if not self.queues.get(channel):
                 await self.pubsub.subscribe(channel)
             self.queues.setdefault(channel, set()).add(queue)
+            self.listening.set()
         return queue
 
     async def unlisten(self, channel: str, queue: Queue) -> None:
@@ -189,6 +191,8 @@ class Hub:
             listeners.discard(queue)
             if not listeners:
                 del self.queues[channel]
+                if not self.queues:
+                    self.listening.clear()
                 if self.pubsub is not None:
                     try:
                         await self.pubsub.unsubscribe(channel)
@@ -209,7 +213,7 @@ class Hub:
         while True:
             try:
                 if not self.queues:
-                    await asyncio.sleep(0.05)
+                    await self.listening.wait()
                     continue
                 message = await self.pubsub.get_message(timeout=1.0)
             except (RedisError, OSError, AttributeError):

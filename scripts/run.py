@@ -1,7 +1,8 @@
 """`make run`: toolexec on http://127.0.0.1:8000 with a warm worker and demo data.
 
 Finds Redis (or starts a private one), migrates, syncs the catalog, seeds the demo logins
-(`manage.py seed_demo`), starts the web server and a worker, and prints how to use them.
+(`manage.py seed_demo`), starts the web server (ASGI: HTTP and WebSockets, daphne's
+`runserver`) and a worker, and prints how to use them.
 Ctrl-C or SIGTERM stops everything it started; if one process dies, it stops the others.
 Standard library only: everything Django runs in `manage.py` subprocesses.
 """
@@ -58,6 +59,13 @@ class Child:
 
 # The worker make run starts; README's production section runs the same command.
 WORKER_COMMAND = ["toolexec_worker", "default", "--skip-checks"]
+
+
+def web_command(port: int) -> list[str]:
+    """The web server make run starts (tests/test_websocket.py starts the same): daphne's
+    runserver, as daphne is first in INSTALLED_APPS, serving toolexec.asgi (HTTP and WebSockets
+    on one port). --nostatic: WhiteNoise serves static files, as in production."""
+    return [PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload", "--nostatic"]
 
 
 def on_stop_signal(signum: int, frame: FrameType | None) -> None:
@@ -190,7 +198,8 @@ def summary(base_url: str, seed_output: str) -> str:
         f"  API root          {base_url}/api/v1/\n"
         f"  Swagger UI        {base_url}/api/docs/\n"
         f"  Admin             {base_url}/admin/\n"
-        f"  Browsable API     {base_url}/api-auth/login/\n\n"
+        f"  Browsable API     {base_url}/api-auth/login/\n"
+        f"  WebSockets        {base_url.replace('http', 'ws', 1)}/ws/v1/jobs/<job_id>/\n\n"
         f"{seed_output.rstrip()}\n\n"
         "Press Ctrl-C to stop (the web server, the worker and any private Redis).\n"
     )
@@ -207,7 +216,8 @@ def run(children: list[Child], data_dir: str) -> None:
     manage("migrate", "--noinput", env=env)
     manage("sync_tools", env=env)
     seed_output = manage("seed_demo", "--base-url", base_url, env=env, capture=True)
-    start(children, "web server", [PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"], env)
+    # ASGI: no persistent database connections (Django's databases docs), the worker keeps its own.
+    start(children, "web server", web_command(port), {"DATABASE_CONN_MAX_AGE": "0", **env})
     start(children, "worker", [PYTHON, "manage.py", *WORKER_COMMAND], env)
     wait_until_answers(f"{base_url}/api/v1/", children)
     print(summary(base_url, seed_output), flush=True)

@@ -77,6 +77,8 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost" if DEBUG else ""
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
+    # First: its runserver (ASGI, WebSockets included) takes the place of Django's.
+    "daphne",
     "core.apps.CoreAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -88,6 +90,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_rq",
+    "channels",
     "core",
     "toolexec",
     "credits",
@@ -288,6 +291,8 @@ TOOLEXEC_CACHE_HIT_CREDITS = env_decimal("TOOLEXEC_CACHE_HIT_CREDITS", "0")
 # reconnects, and how long after the job ended.
 TOOLEXEC_EVENT_STREAM_MAXLEN = env_int("TOOLEXEC_EVENT_STREAM_MAXLEN", 1000, minimum=10)
 TOOLEXEC_EVENT_RETENTION_SECONDS = env_int("TOOLEXEC_EVENT_RETENTION_SECONDS", 3600, minimum=1)
+# The most jobs one WebSocket (/ws/v1/stream/) follows at once; one more closes it with 4429.
+TOOLEXEC_WS_MAX_SUBSCRIPTIONS = env_int("TOOLEXEC_WS_MAX_SUBSCRIPTIONS", 100, minimum=1)
 # Workflows (DESIGN.md §10): the most items a for_each step fans out to, and the most steps.
 TOOLEXEC_WORKFLOW_MAX_FANOUT = env_int("TOOLEXEC_WORKFLOW_MAX_FANOUT", 1000, minimum=1)
 TOOLEXEC_WORKFLOW_MAX_STEPS = env_int("TOOLEXEC_WORKFLOW_MAX_STEPS", 200, minimum=1)

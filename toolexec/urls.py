@@ -4,7 +4,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from core.admin_site import rq_dashboard_urls
-from core.api import TokenView
+from core.api import TokenView, WebsocketTicketView
 from core.routers import UUID_PATTERN, ApiRouter
 from executions.api import ExecutionViewSet, InstanceRunViewSet, JobViewSet
 from instances.api import CredentialViewSet, InstanceViewSet
@@ -29,6 +29,7 @@ router.register("workflow-runs", WorkflowRunViewSet, basename="workflow-run")
 urlpatterns = [
     path("", RedirectView.as_view(url="/api/v1/", permanent=False)),
     re_path(r"^api/v1/auth/token/?$", TokenView.as_view(), name="auth-token"),
+    re_path(r"^api/v1/ws-tickets/?$", WebsocketTicketView.as_view(), name="ws-tickets"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

@@ -4,14 +4,13 @@ from django.db import migrations
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('workflows', '0001_initial'),
+        ("workflows", "0001_initial"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='steprun',
-            options={'ordering': ['created_at', 'iteration']},
+            name="steprun",
+            options={"ordering": ["created_at", "iteration"]},
         ),
     ]
