@@ -1,7 +1,8 @@
 """`make bench`: run the benchmarks, each beside its baseline, and rewrite docs/benchmarks.md.
 
     python -m bench.run            # every benchmark
-    python -m bench.run sync       # only some (names in BENCHMARKS); the document then holds only those
+    python -m bench.run sync       # only some (names in BENCHMARKS): their sections and target rows
+                                   # are replaced, the others' kept from the run that wrote them
 
 Uses the database toolexec_bench (dropped and created afresh) and Redis index 13 (flushed).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ BENCHMARKS = {
     "cpu": "bench.platform_cpu",
     "cache": "bench.cache_hit",
     "workflow": "bench.workflow_steps",
+    "websocket": "bench.websocket_fanout",
     "history": "bench.history_scale",
 }
 # BENCH_DOC writes elsewhere (to develop a benchmark without touching the committed document)
@@ -61,6 +64,27 @@ def prepare() -> None:
     )  # fmt: skip
 
 
+def kept_from(text: str, chosen: set[int]) -> tuple[dict[int, tuple[list[str], list[str]]], str]:
+    """Of a document ``render`` wrote, each benchmark not in ``chosen`` as (its section's lines,
+    its target rows) by number, and where they were measured (its date and command lines)."""
+    lines = text.split(NOTES, 1)[0].splitlines()
+    kept: dict[int, tuple[list[str], list[str]]] = {}
+    current: int | None = None
+    for line in lines:
+        row = re.match(r"\| (\d+)\. ", line)
+        if row and int(row[1]) not in chosen:
+            kept.setdefault(int(row[1]), ([], []))[1].append(line)
+        heading = re.match(r"## (\d+)\. ", line)
+        if heading:
+            current = int(heading[1])
+        elif line.startswith("## "):
+            current = None
+        if current is not None and current not in chosen:
+            kept.setdefault(current, ([], []))[0].append(line)
+    said = dict(line[2:].split(": ", 1) for line in lines if line.startswith(("- date: ", "- command: ")))
+    return kept, f"{said.get('date', 'an earlier run')} ({said.get('command', '?')})"
+
+
 def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], command: str, notes: list[str]) -> str:
     head = [
         "# Benchmarks",
@@ -71,6 +95,7 @@ def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], co
         "",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
         f"- command: `{command}`",
+        *([f"- kept: {info['kept']}"] if info.get("kept") else []),
         f"- machine: nproc {info['nproc']} ({info['cpu']}); load generator, gunicorn, PostgreSQL and Redis "
         "share these cores",
         f"- versions: Python {info['python']}, Django {info['django']}, PostgreSQL {info['postgresql']}, "
@@ -104,6 +129,13 @@ def main(argv: list[str]) -> None:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"{module.TITLE} …", flush=True)
         numbered.append((int(module.TITLE.split()[1].rstrip(":")), module.section(module.measure())))
+    if command != "make bench" and DOC.exists():
+        # The benchmarks not run keep their figures, saying from which run they are.
+        kept, when = kept_from(DOC.read_text(), {number for number, _ in numbered})
+        numbered += [(number, (section, rows)) for number, (section, rows) in kept.items()]
+        if kept:
+            names = ", ".join(str(number) for number in sorted(kept))
+            info["kept"] = f"benchmarks {names} are as measured by the run of {when}"
     sections = [section for _, section in sorted(numbered, key=lambda pair: pair[0])]
     common.redis_flush()
     notes: list[str] = []

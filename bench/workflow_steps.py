@@ -2,7 +2,7 @@
 of a workflow's step A to the first line of its dependent B (``depends_on: ["a"]``), against
 benchmark 3's product arm, the time from execute-async's 202 to the tool's first line, on the
 same worker in the same run (issue 22). Beside them: where the step-to-step time goes, from the
-times the product and RQ record on the way, and the SQL statements of A's end and B's hand-over
+times the product and RQ record on the way, and the SQL statements of A's end (which accepts B)
 (in this process)."""
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ MILESTONES = (
     ("a_outcome", "A's `Execution.finished_at`: `execution_finish` begins A's end transaction"),
     ("a_step_end", "A's `StepRun.finished_at`: the engine (in that transaction) has found A's row, locked the run"),
     ("b_row", "B's `StepRun.created_at`: A's row ended, `run_advance` begins"),
-    ("b_execution", "B's `Execution.created_at`: A's transaction committed; `step_dispatch`'s own transaction "
-     "has locked the run again, read B's row and instance, evaluated its inputs, checked readiness and the cache"),
-    ("b_enqueued", "B's RQ `enqueued_at`: B's execution and job inserted, B's row updated, committed, on RQ"),
+    ("b_execution", "B's `Execution.created_at`: still in A's transaction, `step_accept` has read B's instance, "
+     "evaluated its inputs, checked readiness and the cache"),
+    ("b_enqueued", "B's RQ `enqueued_at`: B's execution and job inserted, B's row updated, A's transaction "
+     "committed, B on RQ"),
     ("a_returned", "A's RQ `ended_at`: the rest of A's job (`job_end`'s publish, the cache lead)"),
     ("b_dequeued", "B's RQ `started_at`: RQ has recorded A finished; the job process took B"),
     ("b_claimed", "B's `Job.started_at`: `job_run` begins B's claim"),
@@ -193,13 +194,11 @@ IN_PROCESS_RUNS = 30  # after 3 discarded
 CUTS = (
     ("executions.services.jobs", None, "job_check", "check"),
     ("workflows.receivers", None, "step_execution_ended", "engine"),
-    ("workflows.services.engine", None, "steps_dispatch", "hand-over"),
     ("django.db.backends.base.base", "BaseDatabaseWrapper", "commit", "COMMIT"),
 )
 PARTS = {
-    "end": "A's end transaction, from the tool's return to the engine's receiver's return",
-    "hand-over": "A's commit, then B's hand-over (`step_dispatch`, a transaction of its own) to its return",
-    "after": "the rest of A's job",
+    "end": "A's end transaction, from the tool's return to the engine's receiver's return (B accepted in it)",
+    "after": "A's commit (B goes to RQ on it), then the rest of A's job",
 }
 
 
@@ -214,8 +213,8 @@ def statements_in_process(workflow: Any, runs: int = IN_PROCESS_RUNS) -> dict[st
     """Runs of the workflow with no worker started, A's job and then B's run by ``job_run`` in
     this process (same settings and database). Of A's job: each statement and commit, in
     order, with its milliseconds (``connection.execute_wrapper``, and ``commit`` wrapped), cut
-    into PARTS where ``job_check``, the engine's receiver and ``steps_dispatch`` return; and the
-    milliseconds of the receiver and of ``steps_dispatch`` in all. Medians over ``runs`` runs.
+    into PARTS where ``job_check`` and the engine's receiver (which accepts B) return; and the
+    milliseconds of the receiver in all. Medians over ``runs`` runs.
     The RQ jobs this leaves behind are emptied from the queue."""
     from django.db import connection
 
@@ -245,7 +244,7 @@ def statements_in_process(workflow: Any, runs: int = IN_PROCESS_RUNS) -> dict[st
 
     shapes: dict[str, list[str]] = {}
     samples: dict[str, list[list[float]]] = {part: [] for part in PARTS}
-    totals: dict[str, list[float]] = {"engine": [], "hand-over": []}
+    totals: dict[str, list[float]] = {"engine": []}
     for index in range(3 + runs):
         key = workers.records_key("workflow-in-process")
         run = run_start(workflow=workflow, inputs={"key": key}).run
@@ -258,8 +257,7 @@ def statements_in_process(workflow: Any, runs: int = IN_PROCESS_RUNS) -> dict[st
         assert status == WorkflowRun.Status.SUCCEEDED, status
         parts = {
             "end": timings[cuts["check"] : cuts["engine"]],
-            "hand-over": timings[cuts["engine"] : cuts["hand-over"]],
-            "after": timings[cuts["hand-over"] :],
+            "after": timings[cuts["engine"] :],
         }
         for part, statements in parts.items():
             seen = [shape for shape, _ in statements]
@@ -377,8 +375,8 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "each with its milliseconds (median over the runs; `connection.execute_wrapper`, and the connection's "
         "`commit` wrapped; psycopg2 sends a transaction's BEGIN with its first statement, so that round trip "
         "is in that statement's time). The engine's receiver (the first part's statements from its first "
-        f"`workflows_` one on) takes {ms(totals['engine'])} ms in all, Python included; `step_dispatch` (the "
-        f"second part's after its first COMMIT) {ms(totals['hand-over'])} ms, B's RQ enqueue and Python included.",
+        f"`workflows_` one on), which accepts B's execution too, takes {ms(totals['engine'])} ms in all, Python "
+        "included; B goes to RQ when A's transaction commits.",
         "",
         "| part | statements (ms each) | statements | ms |",
         "|---|---|---|---|",
