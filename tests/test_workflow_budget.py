@@ -165,3 +165,18 @@ def test_a_cancel_redis_cannot_take_still_cancels_every_step_and_says_so(user, m
     assert all(job.cancel_requested_at for job in Job.objects.filter(pk__in=[j.pk for j in jobs])), (
         "each step's job was told, for the reaper to stop"
     )
+
+
+def test_a_step_answered_from_the_cache_ends_at_once_and_the_run_goes_on(user, make_instance):
+    workflow = two_steps(user, make_instance)  # json-transform steps: cacheable
+    first = run_start(workflow=workflow, inputs={}).run
+    run_queued_jobs(first)
+    assert WorkflowRun.objects.get(pk=first.pk).status == "SUCCEEDED"
+
+    again = run_start(workflow=workflow, inputs={}).run
+
+    again.refresh_from_db()
+    assert again.status == "SUCCEEDED", "no worker ran anything: both steps were cache hits"
+    executions = Execution.objects.filter(workflow_steps__run=again)
+    assert [e.cache_hit for e in executions] == [True, True]
+    assert not Job.objects.filter(execution__in=executions).exclude(status="COMPLETED").exists()
