@@ -33,7 +33,7 @@ from .services.control import job_cancel
 from .services.enqueue import execution_enqueue
 from .services.recovery import job_check_alive
 from .services.sync import execution_run_sync
-from .streams import job_event_response
+from .streams import RESUME_PARAMETERS, job_event_response
 
 
 class ExecutionSerializer(serializers.ModelSerializer):
@@ -430,7 +430,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         job = job_cancel(job=self.get_object())
         return Response(job_progress(job=job), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR})
+    @extend_schema(responses={(200, "text/event-stream"): OpenApiTypes.STR}, parameters=[*RESUME_PARAMETERS])
     # JSON first: an error answers in JSON unless the client asked for text/event-stream only.
     @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, EventStreamRenderer])
     def events(self, request: Request, *args: Any, **kwargs: Any) -> StreamingHttpResponse:

@@ -538,6 +538,9 @@ def job_detail(request: HttpRequest, job_id: str) -> HttpResponse:
         "inputs": json.dumps(job.execution.input_data, indent=2, ensure_ascii=False, default=str),
         "live_config": {
             "status": job.status,
+            # The job's socket (toolexec/routing.py; signed in by the session); the stream and
+            # the fragment are the page's fallbacks, in that order (static/status/job.js).
+            "ws_url": f"/ws/v1/jobs/{job.pk}/",
             "events_url": reverse("status:job-events", args=[job.pk]),
             "fragment_url": reverse("status:job-fragment", args=[job.pk]),
             "elapsed_seconds": elapsed,

@@ -14,9 +14,25 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from django.http import HttpRequest, StreamingHttpResponse
+from drf_spectacular.utils import OpenApiParameter
 
 from . import live
 from .events import Topic
+
+# The resume of an events stream, as the OpenAPI schema documents it on each events endpoint.
+RESUME_PARAMETERS = (
+    OpenApiParameter(
+        "Last-Event-ID",
+        int,
+        OpenApiParameter.HEADER,
+        description="The id (seq) of the last event received: every later event is sent first, once.",
+    ),
+    OpenApiParameter(
+        "last_event_id",
+        int,
+        description="As Last-Event-ID, for a first connection that saw events elsewhere (the header wins).",
+    ),
+)
 
 KEEPALIVE_SECONDS = 15.0
 MAX_STREAM_SECONDS = 3600.0
@@ -31,9 +47,13 @@ def sse(event: dict[str, Any] | None) -> str:
 
 
 def last_event_id(request: HttpRequest) -> int | None:
-    """The ``seq`` a reconnecting client saw last (its Last-Event-ID header), or None."""
-    raw = request.META.get("HTTP_LAST_EVENT_ID", "").strip()
-    return int(raw) if raw.isdigit() else None
+    """The ``seq`` a reconnecting client saw last, or None: its Last-Event-ID header, which
+    EventSource sends on its own reconnects, else ``?last_event_id=N``, how a client that saw
+    events elsewhere (the job page, after its WebSocket) opens its first EventSource after N."""
+    for raw in (request.META.get("HTTP_LAST_EVENT_ID", ""), request.GET.get("last_event_id", "")):
+        if raw.strip().isdigit():
+            return int(raw.strip())
+    return None
 
 
 def event_stream_response(

@@ -29,6 +29,7 @@ from rest_framework.response import Response
 from core.api import NewestFirstPagination, QueryFilter
 from core.schema import ErrorEnvelopeSerializer, error_responses
 from executions.api import EventStreamRenderer, idempotency_key_of
+from executions.streams import RESUME_PARAMETERS
 from instances.api import CheckSerializer
 
 from .models import StepRun, Workflow, WorkflowRun, WorkflowVersion
@@ -452,7 +453,8 @@ class WorkflowRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, views
             (200, "text/event-stream"): OpenApiResponse(
                 OpenApiTypes.STR, description="Every step's state and progress, then the run's terminal state."
             )
-        }
+        },
+        parameters=[*RESUME_PARAMETERS],
     )
     # JSON first: an error answers in JSON unless the client asked for text/event-stream only.
     @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, EventStreamRenderer])
