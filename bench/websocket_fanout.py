@@ -1,9 +1,9 @@
 """Benchmark 11: WebSocket fan-out. 1,000 WebSockets following running jobs on one ASGI process
 (daphne, as production runs it), each event published by ``executions.events.publish`` as a
 worker publishes it: the publish-to-receive latency at each socket, against as many bare
-``redis.asyncio`` pub/sub subscribers of the same channels in the same run (issue 23); that
-every subscriber gets every event; the process's memory per idle socket; and what an idle
-socket costs, counted outside the product: database sessions and transactions from
+``redis.asyncio`` pub/sub subscribers (of as many job channels, spread alike) in the same run
+(issue 23); that every subscriber gets every event; the process's memory per idle socket; and
+what an idle socket costs, counted outside the product: database sessions and transactions from
 PostgreSQL's statistics, Redis commands from ``INFO commandstats`` of a redis-server of the
 benchmark's own.
 
@@ -19,9 +19,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +114,8 @@ class Daphne:
     built. Its connections to PostgreSQL carry ``ASGI_APP_NAME``."""
 
     def __init__(self, redis_url: str) -> None:
-        import urllib.error
-        import urllib.request
-
         self.port = free_port()
-        self.log = Path(f"/tmp/bench-daphne-{self.port}.log")
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-daphne-", suffix=".log", delete=False)
         env = {
             **subprocess_env(),
             "REDIS_URL": redis_url,
@@ -123,8 +124,7 @@ class Daphne:
         }
         daphne = str(Path(sys.executable).parent / "daphne")
         command = [daphne, "--bind", "127.0.0.1", "--port", str(self.port), "toolexec.asgi:application"]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -134,7 +134,7 @@ class Daphne:
                 break  # it answers (401 without a token)
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("daphne did not start:\n" + self.log.read_text()) from None
+                    raise RuntimeError("daphne did not start:\n" + Path(self.log.name).read_text()) from None
                 time.sleep(0.2)
 
     def status(self, field: str) -> int:
@@ -175,7 +175,6 @@ class Daphne:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.log.unlink(missing_ok=True)
 
 
 # --- The publisher (a process of its own) --------------------------------------------------------
@@ -439,7 +438,7 @@ class Counters:
             {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in self.redis.info("commandstats").items()}
         )
 
-    async def around(self, work: Any) -> dict[str, Any]:
+    async def around(self, work: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
         """What ``await work()`` costs: sessions and transactions on the bench database, and
         Redis commands by name (less the INFO that read the first count)."""
         database_before = await self.database_settled()
@@ -645,7 +644,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         behind = max(max(arms.values(arm, "behind_ms_max")) for arm in ARMS)
         strays = sum(sum(arms.values(arm, "strays")) for arm in ARMS)
         lines.append(
-            f"*{shape}* ({data['jobs']:,} jobs, {data['rate']:g} publishes a second): p50 asgi / bare {ratio:.2f}×, "
+            f"*{shape}* ({data['jobs']:,} jobs, {data['rate']:,g} publishes a second): p50 asgi / bare {ratio:.2f}×, "
             f"p99 {p99s['asgi'] / p99s['bare']:.2f}×; {lost} of {expected:,} deliveries lost, "
             f"{strays} from another round or arm; the publisher fell behind its schedule by at most {behind:.1f} ms; "
             f"{data['open_at_end']:,} of {data['subscribers']:,} sockets still open at the end."
