@@ -109,6 +109,15 @@ class Step:
     refs: frozenset[str]  # the steps its expressions read (a subset of depends_on)
     position: int  # its index in the definition's "steps" list: error paths name it
 
+    @cached_property
+    def input_refs(self) -> frozenset[str]:
+        """The steps its inputs read (its ``when`` and ``for_each`` may read others): what an
+        iteration's hand-over loads, not a fan-out's whole list again for each item."""
+        found: set[str] = set()
+        for source in _sources(self.inputs):
+            found |= _reading(source).steps
+        return frozenset(found & self.refs)
+
     @classmethod
     def for_output(cls, definition: Definition) -> Step:
         """A stand-in step for evaluating the workflow's output: it reads what the output reads."""

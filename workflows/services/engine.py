@@ -379,7 +379,7 @@ def step_accept(run: WorkflowRun, definition: Definition, row: StepRun) -> None:
     try:
         if instance is None:
             raise ExpressionError("instance", "the instance it runs on no longer exists.")
-        inputs = evaluate(step.inputs, step_context(run, definition, step.refs, row), path="inputs")
+        inputs = evaluate(step.inputs, step_context(run, definition, step.input_refs, row), path="inputs")
         accepted = execution_enqueue(instance=instance, inputs=inputs, origin=ORIGIN, run_after=row.run_after)
     except ExpressionError as exc:
         error = step_error(step, ErrorCode.INPUT_INVALID, f"{exc.path}: {exc.message}")
