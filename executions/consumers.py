@@ -194,7 +194,8 @@ class LiveSocket(AsyncJsonWebsocketConsumer):
                         if seq <= self.sent.get(key, 0):
                             continue  # this socket sent it already (a resume overlapping its feed)
                         self.sent[key] = seq
-                    await self.send_json({**event, **tag})
+                    # Tagged (the stream's job_id): a frame of its own; else the event as it came.
+                    await self.send(text_data=live.event_text({**event, **tag} if tag else event))
                     if live.is_terminal(event):
                         if self.feeds.get(key) is asyncio.current_task():
                             del self.feeds[key]

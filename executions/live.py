@@ -152,6 +152,26 @@ def follow_sync(
 
 # --- asyncio (SSE under ASGI, WebSockets) ----------------------------------------------------
 
+
+class LiveEvent(dict):
+    """A live event as Redis carried it, with its JSON ``text``: the hub decodes it once for
+    every listener, and a listener that sends it as it is sends that text rather than encoding
+    it again (a job followed by a hundred sockets would be encoded a hundred times)."""
+
+    __slots__ = ("text",)
+
+    @classmethod
+    def of(cls, text: str) -> LiveEvent:
+        event = cls(json.loads(text))
+        event.text = text
+        return event
+
+
+def event_text(event: dict[str, Any]) -> str:
+    """The event's JSON: as it came, for one the hub decoded, else encoded now."""
+    return event.text if isinstance(event, LiveEvent) else json.dumps(event, default=str)
+
+
 RESYNC = {"event": "_resync"}  # put in every queue when the hub had to reconnect
 Queue = asyncio.Queue  # of (channel, event)
 
@@ -223,7 +243,7 @@ class Hub:
             if message is None or message.get("type") != "message":
                 continue
             channel = message["channel"].decode()
-            event = json.loads(message["data"])
+            event = LiveEvent.of(message["data"].decode())
             for queue in list(self.queues.get(channel, ())):
                 queue.put_nowait((channel, event))
 

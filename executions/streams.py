@@ -9,7 +9,6 @@ synchronous generator would be consumed whole before the first byte went out. Un
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -43,7 +42,7 @@ def sse(event: dict[str, Any] | None) -> str:
     if event is None:
         return ": keep-alive\n\n"
     ident = f"id: {event['seq']}\n" if event.get("seq") else ""
-    return f"{ident}event: {event.get('event', 'state')}\ndata: {json.dumps(event, default=str)}\n\n"
+    return f"{ident}event: {event.get('event', 'state')}\ndata: {live.event_text(event)}\n\n"
 
 
 def last_event_id(request: HttpRequest) -> int | None:
