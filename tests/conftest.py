@@ -204,6 +204,39 @@ def _database_url(db: dict) -> str:
     return f"postgres://{db['USER']}{password}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
+@contextlib.contextmanager
+def web_server(command: list[str], *, port: int, env: dict[str, str], log_path: Path) -> Iterator[int]:
+    """Run a web server process (``command``, listening on ``port``) until the block ends: it
+    has answered the API's root once it is yielded; stopped with SIGINT, killed if it lingers."""
+    import urllib.error
+    import urllib.request
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the web server exited:\n{log_path.read_text()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/", timeout=2).close()
+        except urllib.error.HTTPError:
+            return True  # 401 without a login: it is up
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_for(answers, timeout=30, message="the web server to answer")
+        yield port
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def wait_for(predicate, *, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -16,9 +16,7 @@ import asyncio
 import http.client
 import json
 import os
-import signal
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -41,7 +39,7 @@ from executions.events import Topic
 from executions.models import Job
 from instances.models import ToolInstance
 from scripts.run import web_command
-from tests.conftest import ROOT, _database_url, wait_for
+from tests.conftest import _database_url, wait_for, web_server
 from tests.factories import UserFactory
 from tests.ws_client import PlainWebSocket
 from toolexec.asgi import application
@@ -659,30 +657,8 @@ def asgi_server(transactional_db: Any, tmp_path: Path) -> Iterator[int]:
         "DATABASE_CONN_MAX_AGE": "0",  # as make run starts it
         "PYTHONUNBUFFERED": "1",
     }
-    log_path = tmp_path / "web.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(web_command(port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            pytest.fail(f"the web server exited:\n{log_path.read_text()}")
-        try:
-            urllib.request.urlopen(f"{base}/api/v1/", timeout=2).close()
-        except urllib.error.HTTPError:
-            return True  # 401 without a login: it is up
-        except OSError:
-            return False
-        return True
-
-    wait_for(answers, timeout=30, message="the web server to answer")
-    yield port
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with web_server(web_command(port), port=port, env=env, log_path=tmp_path / "web.log"):
+        yield port
 
 
 def test_under_the_asgi_server_make_run_starts_a_websocket_client_follows_a_job_to_completed(

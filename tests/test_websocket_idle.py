@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +32,7 @@ from executions.models import Job
 from executions.services.enqueue import execution_enqueue
 from executions.services.jobs import job_claim
 from scripts.run import free_port
-from tests.conftest import ROOT, _database_url, wait_for
+from tests.conftest import _database_url, web_server
 from tests.test_queue_recovery import PrivateRedis
 from tests.ws_client import PlainWebSocket
 
@@ -75,32 +71,9 @@ def production_asgi_server(transactional_db: Any, private_redis: PrivateRedis, t
         "PYTHONUNBUFFERED": "1",
     }
     daphne = str(Path(sys.executable).parent / "daphne")
-    log_path = tmp_path / "daphne.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [daphne, "--bind", "127.0.0.1", "--port", str(port), "toolexec.asgi:application"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            pytest.fail(f"daphne exited:\n{log_path.read_text()}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/", timeout=2).close()
-        except urllib.error.HTTPError:
-            return True  # 401 without a token: it is up
-        except OSError:
-            return False
-        return True
-
-    wait_for(answers, timeout=30, message="daphne to answer")
-    yield port
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    command = [daphne, "--bind", "127.0.0.1", "--port", str(port), "toolexec.asgi:application"]
+    with web_server(command, port=port, env=env, log_path=tmp_path / "daphne.log"):
+        yield port
 
 
 class OutsideCounts:
