@@ -21,9 +21,12 @@ run: $(VENV)/.runtime-installed
 	$(BIN)/python scripts/run.py
 
 # The browser tests' Chromium and chromedriver come from Debian's packages: installed when missing.
+# Two test processes (pytest-xdist): most of the suite's time is spent waiting on the worker,
+# web server and browser processes its tests start, not on the CPU. TEST_PROCESSES=0 runs one.
+TEST_PROCESSES ?= 2
 test: $(VENV)/.dev-installed
 	@bash scripts/browser.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal $(PYTEST_ARGS)
 
 # Benchmarks beside their baselines (not tests): rewrites docs/benchmarks.md. Needs wrk (Debian).
 bench: $(VENV)/.dev-installed

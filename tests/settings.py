@@ -20,6 +20,25 @@ from cryptography.fernet import Fernet
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/toolexec")
 # A spare database index, so tests never touch the data of a dev server on index 0.
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _redis_url_of_this_process(url: str) -> str:
+    """Under pytest-xdist (`make test` runs two test processes), the process gw<n> uses the
+    database index n below REDIS_URL's, so their queues, caches and event streams never meet
+    (pytest-django gives each its own test database likewise). Worker processes a test starts
+    inherit both variables, and keep the URL as it is."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or os.environ.get("TOOLEXEC_TEST_REDIS_OF") == worker:
+        return url
+    os.environ["TOOLEXEC_TEST_REDIS_OF"] = worker
+    parts = urlsplit(url)
+    index = int(parts.path.strip("/") or 0) - int(worker.removeprefix("gw"))
+    if index < 1:  # index 0 is a development server's
+        raise RuntimeError(f"REDIS_URL {url} leaves no spare database index for test process {worker}")
+    return parts._replace(path=f"/{index}").geturl()
+
+
+os.environ["REDIS_URL"] = _redis_url_of_this_process(os.environ["REDIS_URL"])
 os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
 os.environ.setdefault("TOOLEXEC_ENCRYPTION_KEYS", Fernet.generate_key().decode())
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
