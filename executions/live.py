@@ -15,6 +15,7 @@ channel's place in that subscription: no query, no Redis command.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 # The fields of a job's live event that are fresher than its row (progress is written to the
 # row at most once a second): they are laid over the row's state in the first message.
 LIVE_FIELDS = ("status", "progress", "current_step", "step_index", "steps_total")
+
+SUBSCRIBE_TIMEOUT_SECONDS = 10.0  # how long a listener waits for Redis to confirm its channel
 
 
 def is_terminal(event: dict[str, Any]) -> bool:
@@ -111,9 +114,17 @@ def follow_sync(
     pubsub = None
     try:
         try:
-            pubsub = events.redis().pubsub(ignore_subscribe_messages=True)
+            pubsub = events.redis().pubsub()
             pubsub.subscribe(topic.channel)
+            # Redis answers in order: the first message is the confirmation. Once it is here,
+            # what ``opening`` reads next cannot miss an event that is not sent live.
+            confirmation = pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT_SECONDS)
+            if confirmation is None or confirmation.get("type") != "subscribe":
+                raise RedisError(f"Redis did not confirm the subscription to {topic.channel}")
         except RedisError:
+            if pubsub is not None:
+                with contextlib.suppress(RedisError):
+                    pubsub.close()
             pubsub = None
         for event in opening(topic, current=current, after=after, feed=feed):
             yield event
@@ -172,15 +183,21 @@ def event_text(event: dict[str, Any]) -> str:
     return event.text if isinstance(event, LiveEvent) else json.dumps(event, default=str)
 
 
-RESYNC = {"event": "_resync"}  # put in every queue when the hub had to reconnect
+RESYNC = {"event": "_resync"}  # put in a listener's queue once the hub has subscribed again
 Queue = asyncio.Queue  # of (channel, event)
+
+HUB_CLIENT_NAME = "toolexec-live"  # the hub's connection in Redis's CLIENT LIST
 
 
 class Hub:
     """One Redis pub/sub connection for every listener of this event loop: a channel is
     subscribed while someone listens to it, and each message goes to its listeners' queues.
-    When the connection drops, the hub connects again, subscribes again and tells every
-    listener to fill the gap from the stream (``RESYNC``)."""
+
+    A listener is let go only once Redis has confirmed its channel's subscription: whatever it
+    reads next (the current state, a replay) was read after Redis started sending it the
+    channel's events, so no event falls between the two. When the connection drops, the hub
+    connects again, subscribes again and, as each channel's subscription is confirmed, tells
+    its listeners to fill the gap from the stream (``RESYNC``)."""
 
     def __init__(self) -> None:
         self.queues: dict[str, set[Queue]] = {}
@@ -189,18 +206,29 @@ class Hub:
         self.reader: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
         self.listening = asyncio.Event()  # set while anyone listens: the reader waits on it
+        self.confirming: dict[str, asyncio.Future[None]] = {}  # channel → its subscription's confirmation
+        self.resyncing: set[str] = set()  # channels subscribed again, whose listeners get RESYNC once confirmed
 
     async def listen(self, channel: str, queue: Queue | None = None) -> Queue:
-        """Put ``(channel, event)`` in ``queue`` (a new one by default) for each of its events."""
+        """Put ``(channel, event)`` in ``queue`` (a new one by default) for each of its events,
+        from the moment this returns. Raises RedisError when Redis does not confirm it."""
         queue = queue if queue is not None else asyncio.Queue()
         async with self.lock:
             await self._connect()
             # Subscribed before the channel shows in ``queues``: the reader reads once there is a
             # listener, and reading a pub/sub that has no connection yet raises (RuntimeError).
             if not self.queues.get(channel):
+                self.confirming.setdefault(channel, asyncio.get_running_loop().create_future())
                 await self.pubsub.subscribe(channel)
+            confirmed = self.confirming.get(channel)  # None: confirmed for an earlier listener
             self.queues.setdefault(channel, set()).add(queue)
             self.listening.set()
+        if confirmed is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_SECONDS)
+            except TimeoutError:
+                await self.unlisten(channel, queue)
+                raise RedisError(f"Redis did not confirm the subscription to {channel}") from None
         return queue
 
     async def unlisten(self, channel: str, queue: Queue) -> None:
@@ -222,8 +250,8 @@ class Hub:
     async def _connect(self) -> None:
         if self.pubsub is not None:
             return
-        self.client = aioredis.Redis.from_url(settings.REDIS_URL)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.client = aioredis.Redis.from_url(settings.REDIS_URL, client_name=HUB_CLIENT_NAME)
+        self.pubsub = self.client.pubsub()  # with the subscriptions' confirmations: the reader wants them
         if self.queues:
             await self.pubsub.subscribe(*self.queues)
         if self.reader is None or self.reader.done():
@@ -240,12 +268,27 @@ class Hub:
                 logger.warning("Live events lost Redis; connecting again", exc_info=True)
                 await self._reconnect()
                 continue
-            if message is None or message.get("type") != "message":
+            if message is None:
+                continue
+            if message.get("type") == "subscribe":
+                self._confirmed(message["channel"].decode())
+            if message.get("type") != "message":
                 continue
             channel = message["channel"].decode()
             event = LiveEvent.of(message["data"].decode())
             for queue in list(self.queues.get(channel, ())):
                 queue.put_nowait((channel, event))
+
+    def _confirmed(self, channel: str) -> None:
+        """Redis confirmed a subscription to ``channel``: its waiting listeners go on, and after
+        a reconnect its listeners fill the gap from the stream."""
+        waiting = self.confirming.pop(channel, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+        if channel in self.resyncing:
+            self.resyncing.discard(channel)
+            for queue in self.queues.get(channel, ()):
+                queue.put_nowait((channel, RESYNC))
 
     async def _reconnect(self) -> None:
         await asyncio.sleep(0.5)
@@ -256,14 +299,14 @@ class Hub:
                     await old.aclose()
             except (RedisError, OSError):
                 pass
+            # Set first: the reader (this task) reads the confirmations only after this returns.
+            # A listener still waiting for its confirmation from the old connection gets this one's.
+            self.resyncing = set(self.queues)
             try:
                 await self._connect()
             except (RedisError, OSError):
                 self.pubsub = None
                 return
-            for channel, listeners in self.queues.items():
-                for queue in listeners:
-                    queue.put_nowait((channel, RESYNC))
 
 
 _hubs: dict[asyncio.AbstractEventLoop, Hub] = {}

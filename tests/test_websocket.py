@@ -34,7 +34,7 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from core.models import ApiToken
-from executions import events
+from executions import events, live
 from executions.events import Topic
 from executions.models import Job
 from instances.models import ToolInstance
@@ -442,6 +442,59 @@ def test_without_redis_for_live_events_the_socket_closes_with_1011_so_the_page_c
     connected, (frames, code) = run(scenario)
 
     assert connected and frames == [] and code == 1011
+
+
+def hub_connections() -> list[dict[str, Any]]:
+    """The live-events hubs' Redis connections on this test process's database index."""
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    index = str(client.connection_pool.connection_kwargs.get("db", 0))
+    return [c for c in client.client_list() if c.get("name") == live.HUB_CLIENT_NAME and c.get("db") == index]
+
+
+def test_a_listener_is_let_go_only_once_redis_has_confirmed_its_subscription():
+    """What a listener reads after listen() (the current state, a replay) must come after Redis
+    started sending it the channel's events, or an event between the two would be lost."""
+    channel = Topic.job("00000000-0000-4000-8000-00000000cafe").channel
+    counter = redis.Redis.from_url(django_settings.REDIS_URL)
+
+    async def scenario() -> list[int]:
+        hub = live.hub()
+        subscribed = []
+        for _ in range(20):
+            queue = await hub.listen(channel)
+            subscribed.append(dict(counter.pubsub_numsub(channel))[channel.encode()])
+            await hub.unlisten(channel, queue)
+        return subscribed
+
+    assert run(scenario) == [1] * 20
+
+
+def test_a_socket_whose_hub_lost_redis_gets_the_events_it_missed_once_redis_answers_again(user, queued_job):
+    token = token_of(user)
+
+    async def scenario() -> tuple[dict, list[dict]]:
+        communicator = socket_to(f"/ws/v1/jobs/{queued_job}/", token=token)
+        await communicator.connect()
+        first = await communicator.receive_json_from(timeout=5)
+        killer = redis.Redis.from_url(django_settings.REDIS_URL)
+        for hub_connection in hub_connections():
+            killer.client_kill_filter(_id=hub_connection["id"])
+        # Published while the hub has no connection: kept in the job's stream, sent to nobody.
+        events.publish(queued_job, {"event": "progress", "status": "RUNNING", "progress": 30})
+        events.publish(queued_job, {"event": "progress", "status": "RUNNING", "progress": 60})
+        missed = [await communicator.receive_json_from(timeout=10) for _ in range(2)]
+        events.publish(queued_job, {"event": "progress", "status": "RUNNING", "progress": 90})  # live again
+        live_again = await communicator.receive_json_from(timeout=10)
+        extra = await communicator.receive_nothing(timeout=0.5)
+        await communicator.disconnect()
+        assert extra, "a frame was sent twice"
+        return first, [*missed, live_again]
+
+    first, frames = run(scenario)
+
+    assert (first["status"], first["seq"]) == ("QUEUED", 0)
+    assert [(f["seq"], f["progress"]) for f in frames] == [(1, 30), (2, 60), (3, 90)]
+    assert len(hub_connections()) >= 1  # connected again (a closed loop's hub may linger until collected)
 
 
 # --- Following a job, with a real worker ------------------------------------------------------
