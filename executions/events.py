@@ -85,6 +85,12 @@ class Topic:
     def run(cls, run_id: Any) -> Topic:
         return cls("workflow-run", run_id)
 
+    @classmethod
+    def of_channel(cls, channel: str) -> Topic | None:
+        """The topic whose pub/sub channel this is, or None for another channel."""
+        prefix, kind, ident, suffix = (channel.split(":") + ["", "", "", ""])[:4]
+        return cls(kind, ident) if (prefix, suffix) == ("toolexec", "events") and kind and ident else None
+
 
 def channel(job_id: str) -> str:
     return Topic.job(job_id).channel

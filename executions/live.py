@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from redis.exceptions import RedisError
 
 from . import events
 from .events import TERMINAL_STATUSES, Topic
+from .models import Job
 from .selectors import job_state
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,12 @@ class Feed:
             return False
         self.last = max(self.last, seq)
         return True
+
+
+def jobs_ended(job_ids: list[str]) -> set[str]:
+    """Which of these jobs have ended (one query)."""
+    ended = Job.objects.filter(pk__in=job_ids, status__in=TERMINAL_STATUSES).values_list("pk", flat=True)
+    return {str(pk) for pk in ended}
 
 
 def job_current(job_id: str) -> dict[str, Any]:
@@ -108,8 +116,6 @@ def follow_sync(
     """The topic's events for a thread: what ``opening`` gives, then live ones until the
     terminal event; None at each ``keepalive`` with nothing to say (the stream's comment
     line). Without Redis, the current state at each keep-alive, until it is terminal."""
-    import time
-
     feed = Feed()
     pubsub = None
     try:
@@ -184,7 +190,15 @@ def event_text(event: dict[str, Any]) -> str:
 
 
 RESYNC = {"event": "_resync"}  # put in a listener's queue once the hub has subscribed again
+ENDED = {"event": "_ended"}  # put in a quiet listener's queue when its topic ended in the database
 Queue = asyncio.Queue  # of (channel, event)
+
+# For each kind of topic, how to tell which of some topics have ended (a query): the hub asks
+# for the topics of channels that stayed quiet, because a terminal event Redis did not take (the
+# publisher's Redis call failed, the database has the truth) would otherwise leave their
+# listeners waiting for ever. Filled by the apps whose topics they are (executions: jobs, here;
+# workflows: runs, in its AppConfig.ready).
+ENDED_LOOKUPS: dict[str, Callable[[list[str]], set[str]]] = {"job": jobs_ended}
 
 HUB_CLIENT_NAME = "toolexec-live"  # the hub's connection in Redis's CLIENT LIST
 
@@ -197,7 +211,12 @@ class Hub:
     reads next (the current state, a replay) was read after Redis started sending it the
     channel's events, so no event falls between the two. When the connection drops, the hub
     connects again, subscribes again and, as each channel's subscription is confirmed, tells
-    its listeners to fill the gap from the stream (``RESYNC``)."""
+    its listeners to fill the gap from the stream (``RESYNC``).
+
+    Every TOOLEXEC_LIVE_QUIET_CHECK_SECONDS, the channels that carried nothing for that long
+    are looked up (``ENDED_LOOKUPS``, one query per kind of topic, whatever their number), and
+    the listeners of those that ended are told (``ENDED``): they send the state the database
+    has. An idle listener costs no query of its own."""
 
     def __init__(self) -> None:
         self.queues: dict[str, set[Queue]] = {}
@@ -208,6 +227,8 @@ class Hub:
         self.listening = asyncio.Event()  # set while anyone listens: the reader waits on it
         self.confirming: dict[str, asyncio.Future[None]] = {}  # channel → its subscription's confirmation
         self.resyncing: set[str] = set()  # channels subscribed again, whose listeners get RESYNC once confirmed
+        self.heard: dict[str, float] = {}  # channel → when it was subscribed or last carried a message
+        self.sweeper: asyncio.Task[None] | None = None
 
     async def listen(self, channel: str, queue: Queue | None = None) -> Queue:
         """Put ``(channel, event)`` in ``queue`` (a new one by default) for each of its events,
@@ -220,6 +241,7 @@ class Hub:
             if not self.queues.get(channel):
                 self.confirming.setdefault(channel, asyncio.get_running_loop().create_future())
                 await self.pubsub.subscribe(channel)
+                self.heard[channel] = time.monotonic()
             confirmed = self.confirming.get(channel)  # None: confirmed for an earlier listener
             self.queues.setdefault(channel, set()).add(queue)
             self.listening.set()
@@ -239,6 +261,7 @@ class Hub:
             listeners.discard(queue)
             if not listeners:
                 del self.queues[channel]
+                self.heard.pop(channel, None)
                 if not self.queues:
                     self.listening.clear()
                 if self.pubsub is not None:
@@ -256,6 +279,8 @@ class Hub:
             await self.pubsub.subscribe(*self.queues)
         if self.reader is None or self.reader.done():
             self.reader = asyncio.get_running_loop().create_task(self._read())
+        if self.sweeper is None or self.sweeper.done():
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _read(self) -> None:
         while True:
@@ -276,8 +301,39 @@ class Hub:
                 continue
             channel = message["channel"].decode()
             event = LiveEvent.of(message["data"].decode())
+            self.heard[channel] = time.monotonic()
             for queue in list(self.queues.get(channel, ())):
                 queue.put_nowait((channel, event))
+
+    async def _sweep(self) -> None:
+        while True:
+            interval = settings.TOOLEXEC_LIVE_QUIET_CHECK_SECONDS
+            await asyncio.sleep(interval)
+            if not self.queues:
+                await self.listening.wait()
+                continue
+            try:
+                await self.sweep(quiet_for=interval)
+            except Exception:  # a database that does not answer: the next round asks again
+                logger.warning("Could not look up the quiet live topics", exc_info=True)
+
+    async def sweep(self, *, quiet_for: float) -> int:
+        """Tell the listeners of each channel quiet for ``quiet_for`` seconds whose topic has
+        ended that it did (``ENDED``). Returns how many channels were told."""
+        since = time.monotonic() - quiet_for
+        quiet: dict[str, list[str]] = {}
+        for channel in [channel for channel, heard in self.heard.items() if heard <= since]:
+            topic = events.Topic.of_channel(channel)
+            if topic is not None and topic.kind in ENDED_LOOKUPS:
+                quiet.setdefault(topic.kind, []).append(topic.ident)
+        told = 0
+        for kind, idents in quiet.items():
+            for ident in await database_sync_to_async(ENDED_LOOKUPS[kind])(idents):
+                channel = events.Topic(kind, ident).channel
+                for queue in self.queues.get(channel, ()):
+                    queue.put_nowait((channel, ENDED))
+                told += 1
+        return told
 
     def _confirmed(self, channel: str) -> None:
         """Redis confirmed a subscription to ``channel``: its waiting listeners go on, and after
@@ -351,6 +407,12 @@ async def follow(
                     yield missed
                     if is_terminal(missed):
                         return
+                continue
+            if event is ENDED:  # its terminal event never came: the database's state, as a picture of now
+                state = await database_sync_to_async(current)()
+                if is_terminal(state):
+                    yield {**state, "replayed": False}
+                    return
                 continue
             if feed.take(event):
                 yield event

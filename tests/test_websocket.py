@@ -29,20 +29,22 @@ import redis
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test import Client
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from core.models import ApiToken
 from executions import events, live
 from executions.events import Topic
-from executions.models import Job
+from executions.models import Execution, Job
 from instances.models import ToolInstance
 from scripts.run import web_command
 from tests.conftest import _database_url, wait_for, web_server
 from tests.factories import UserFactory
 from tests.ws_client import PlainWebSocket
 from toolexec.asgi import application
+from workflows.models import WorkflowRun
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -495,6 +497,89 @@ def test_a_socket_whose_hub_lost_redis_gets_the_events_it_missed_once_redis_answ
     assert (first["status"], first["seq"]) == ("QUEUED", 0)
     assert [(f["seq"], f["progress"]) for f in frames] == [(1, 30), (2, 60), (3, 90)]
     assert len(hub_connections()) >= 1  # connected again (a closed loop's hub may linger until collected)
+
+
+def test_a_job_that_ended_without_its_terminal_event_is_still_ended_on_its_socket(user, queued_job, settings):
+    """The worker's publish of the end failed (Redis hiccuped for it alone): the database has the
+    truth. Once the job's topic has been quiet for TOOLEXEC_LIVE_QUIET_CHECK_SECONDS, the process
+    looks it up and the socket gets the row's state, then 1000."""
+    settings.TOOLEXEC_LIVE_QUIET_CHECK_SECONDS = 1
+    token = token_of(user)
+
+    async def scenario() -> tuple[dict, bool, list[dict], int]:
+        communicator = socket_to(f"/ws/v1/jobs/{queued_job}/", token=token)
+        await communicator.connect()
+        first = await communicator.receive_json_from(timeout=5)
+        still_running_is_quiet = await communicator.receive_nothing(timeout=2.5)  # looked up, not ended
+        await sync_to_async(end_without_an_event)(queued_job)
+        frames, code = await frames_until_close(communicator, timeout=10)
+        await communicator.disconnect()
+        return first, still_running_is_quiet, frames, code
+
+    first, quiet, frames, code = run(scenario)
+
+    assert first["status"] == "QUEUED" and quiet
+    assert [(f["status"], f["replayed"]) for f in frames] == [("CANCELLED", False)]
+    assert code == 1000
+
+
+def test_a_lookup_of_quiet_topics_that_fails_is_tried_again_at_the_next_round(user, queued_job, settings, monkeypatch):
+    settings.TOOLEXEC_LIVE_QUIET_CHECK_SECONDS = 1
+    asked: list[list[str]] = []
+
+    def database_away_once(job_ids: list[str]) -> set[str]:
+        asked.append(job_ids)
+        if len(asked) == 1:
+            raise OperationalError("the database went away")
+        return live.jobs_ended(job_ids)
+
+    monkeypatch.setitem(live.ENDED_LOOKUPS, "job", database_away_once)
+    token = token_of(user)
+
+    async def scenario() -> tuple[dict, list[dict], int]:
+        communicator = socket_to(f"/ws/v1/jobs/{queued_job}/", token=token)
+        await communicator.connect()
+        first = await communicator.receive_json_from(timeout=5)
+        await sync_to_async(end_without_an_event)(queued_job)
+        frames, code = await frames_until_close(communicator, timeout=10)
+        await communicator.disconnect()
+        return first, frames, code
+
+    first, frames, code = run(scenario)
+
+    assert first["status"] == "QUEUED"
+    assert [(f["status"], f["replayed"]) for f in frames] == [("CANCELLED", False)] and code == 1000
+    assert len(asked) >= 2 and all(ids == [queued_job] for ids in asked)
+
+
+def end_without_an_event(job_id: str) -> None:
+    job = Job.objects.get(pk=job_id)
+    Job.objects.filter(pk=job_id).update(status="CANCELLED", finished_at=timezone.now())
+    Execution.objects.filter(pk=job.execution_id).update(status="CANCELLED", finished_at=timezone.now())
+
+
+def test_a_run_that_ended_without_its_terminal_event_is_still_ended_on_its_socket(api, user, long_task, settings):
+    settings.TOOLEXEC_LIVE_QUIET_CHECK_SECONDS = 1
+    definition = {"steps": [{"id": "only", "instance": str(long_task.pk), "inputs": {"steps": 4}}]}
+    body = {"key": "quiet", "name": "quiet", "definition": definition}
+    workflow = api.post("/api/v1/workflows/", body, format="json")
+    run_id = api.post(f"/api/v1/workflows/{workflow.json()['id']}/runs", {}, format="json").json()["run_id"]
+    token = token_of(user)
+
+    async def scenario() -> tuple[dict, list[dict], int]:
+        communicator = socket_to(f"/ws/v1/workflow-runs/{run_id}/", token=token)
+        await communicator.connect()
+        first = await communicator.receive_json_from(timeout=5)
+        await sync_to_async(WorkflowRun.objects.filter(pk=run_id).update)(status="CANCELLED")  # no event
+        frames, code = await frames_until_close(communicator, timeout=10)
+        await communicator.disconnect()
+        return first, frames, code
+
+    first, frames, code = run(scenario)
+
+    assert first["status"] in ("QUEUED", "RUNNING")
+    assert [(f["status"], f["replayed"]) for f in frames] == [("CANCELLED", False)]
+    assert code == 1000
 
 
 # --- Following a job, with a real worker ------------------------------------------------------

@@ -291,6 +291,9 @@ TOOLEXEC_CACHE_HIT_CREDITS = env_decimal("TOOLEXEC_CACHE_HIT_CREDITS", "0")
 # reconnects, and how long after the job ended.
 TOOLEXEC_EVENT_STREAM_MAXLEN = env_int("TOOLEXEC_EVENT_STREAM_MAXLEN", 1000, minimum=10)
 TOOLEXEC_EVENT_RETENTION_SECONDS = env_int("TOOLEXEC_EVENT_RETENTION_SECONDS", 3600, minimum=1)
+# How long a live listener's topic may stay quiet before the process asks the database whether
+# it ended (a terminal event Redis never carried): one query for all the quiet topics.
+TOOLEXEC_LIVE_QUIET_CHECK_SECONDS = env_int("TOOLEXEC_LIVE_QUIET_CHECK_SECONDS", 30, minimum=1)
 # The most jobs one WebSocket (/ws/v1/stream/) follows at once; one more closes it with 4429.
 TOOLEXEC_WS_MAX_SUBSCRIPTIONS = env_int("TOOLEXEC_WS_MAX_SUBSCRIPTIONS", 100, minimum=1)
 # Workflows (DESIGN.md §10): the most items a for_each step fans out to, and the most steps.

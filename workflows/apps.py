@@ -11,4 +11,9 @@ class WorkflowsConfig(AppConfig):
     verbose_name = "Workflows"
 
     def ready(self) -> None:
+        from executions import live
+
         from . import receivers  # noqa: F401  (connects the signal receivers)
+        from .streams import runs_ended
+
+        live.ENDED_LOOKUPS["workflow-run"] = runs_ended  # Topic.run's kind

@@ -27,6 +27,12 @@ from .models import StepRun, WorkflowRun
 from .selectors import run_detail
 
 
+def runs_ended(run_ids: list[str]) -> set[str]:
+    """Which of these runs have ended (one query): the hub's lookup for quiet run topics."""
+    ended = WorkflowRun.objects.filter(pk__in=run_ids, status__in=WorkflowRun.TERMINAL).values_list("pk", flat=True)
+    return {str(pk) for pk in ended}
+
+
 def run_current(run_id: str) -> dict[str, Any]:
     """The run's state now (every step), with the ``seq`` of the run's last event it reflects."""
     try:
@@ -167,8 +173,14 @@ async def follow_run(
                 yield None
                 continue
             if name in following:
-                if event is not live.RESYNC:
+                if event is not live.RESYNC and event is not live.ENDED:
                     yield progress_of(following[name], dict(event))
+                continue
+            if event is live.ENDED:  # its terminal event never came: the database's state
+                state = await database_sync_to_async(run_current)(run_id)
+                if live.is_terminal(state):
+                    yield {**state, "replayed": False}
+                    return
                 continue
             replay = [event]
             if event is live.RESYNC:
