@@ -1,5 +1,5 @@
 """Benchmark 11: WebSocket fan-out. 1,000 WebSockets following running jobs on one ASGI process
-(daphne, as production runs it), each event published by ``executions.events.publish`` as a
+(the README's production server, uvicorn), each event published by ``executions.events.publish`` as a
 worker publishes it: the publish-to-receive latency at each socket, against as many bare
 ``redis.asyncio`` pub/sub subscribers (of as many job channels, spread alike) in the same run
 (issue 23); that every subscriber gets every event; the process's memory per idle socket; and
@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from scripts.run import production_asgi_command
 from tests.ws_client import AsyncWebSocket
 
 from . import workers
@@ -56,7 +57,7 @@ SHAPES = {"fan-out": 10, "one each": SUBSCRIBERS}  # shape -> jobs followed
 EVENTS_PER_SECOND = float(os.environ.get("BENCH_WS_EVENTS_PER_SECOND", "1"))  # that each subscriber gets
 ROUND_SECONDS = float(os.environ.get("BENCH_WS_ROUND_SECONDS", "8"))
 IDLE_SECONDS = float(os.environ.get("BENCH_WS_IDLE_SECONDS", "10"))
-OPENING_CONCURRENCY = 20  # handshakes in flight at once (daphne's listen backlog is Twisted's 50)
+OPENING_CONCURRENCY = 20  # handshakes in flight at once (well within a listen backlog)
 CALIBRATION_SOCKETS = 10  # opened after the idle window: what the counters see of a socket's opening
 DRAIN_SECONDS = 15  # after the last publish, how long a round waits for every delivery
 ASGI_APP_NAME = "toolexec-bench-asgi"  # the ASGI process's application_name in pg_stat_activity
@@ -108,22 +109,22 @@ def jobs_running(count: int) -> tuple[str, list[str]]:
     return workers.product_token(instance), [str(job.pk) for job in jobs]
 
 
-class Daphne:
-    """``daphne toolexec.asgi:application`` on a free port of 127.0.0.1, as production runs it
-    (README: ``DATABASE_CONN_MAX_AGE=0``), on the bench database and the given Redis; ready when
-    built. Its connections to PostgreSQL carry ``ASGI_APP_NAME``."""
+class AsgiServer:
+    """The README's production ASGI server (``scripts.run.production_asgi_command``: uvicorn, one
+    process) on a free port of 127.0.0.1, with ``DATABASE_CONN_MAX_AGE=0`` as the README runs it,
+    on the bench database and the given Redis; ready when built. Its connections to PostgreSQL
+    carry ``ASGI_APP_NAME``."""
 
     def __init__(self, redis_url: str) -> None:
         self.port = free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-daphne-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-asgi-", suffix=".log", delete=False)
         env = {
             **subprocess_env(),
             "REDIS_URL": redis_url,
             "DATABASE_CONN_MAX_AGE": "0",
             "PGAPPNAME": ASGI_APP_NAME,
         }
-        daphne = str(Path(sys.executable).parent / "daphne")
-        command = [daphne, "--bind", "127.0.0.1", "--port", str(self.port), "toolexec.asgi:application"]
+        command = production_asgi_command(self.port)
         self.process = subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
@@ -134,7 +135,7 @@ class Daphne:
                 break  # it answers (401 without a token)
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("daphne did not start:\n" + Path(self.log.name).read_text()) from None
+                    raise RuntimeError("the ASGI server did not start:\n" + Path(self.log.name).read_text()) from None
                 time.sleep(0.2)
 
     def status(self, field: str) -> int:
@@ -455,9 +456,9 @@ class Counters:
             "commands": {name: calls for name, calls in sorted(commands.items()) if calls > 0},
         }
 
-    def asgi_redis_connections(self, daphne: Daphne, redis_port: int) -> list[dict[str, Any]]:
+    def asgi_redis_connections(self, server: AsgiServer, redis_port: int) -> list[dict[str, Any]]:
         """The ASGI process's Redis connections as ``CLIENT LIST`` shows them."""
-        ports = daphne.local_ports_to(redis_port)
+        ports = server.local_ports_to(redis_port)
         return [
             {"sub": int(client["sub"]), "cmd": client["cmd"], "idle": int(client["idle"])}
             for client in self.redis.client_list()
@@ -472,9 +473,9 @@ class Counters:
 # --- A shape: sockets, the idle window, the rounds ----------------------------------------------------
 
 
-async def settle_rss(daphne: Daphne, seconds: float = 2.0) -> int:
+async def settle_rss(server: AsgiServer, seconds: float = 2.0) -> int:
     await asyncio.sleep(seconds)
-    return daphne.status("VmRSS")
+    return server.status("VmRSS")
 
 
 def shape_measure(
@@ -486,28 +487,28 @@ def shape_measure(
 
     connection.close()  # the benchmark's own connection: nothing of this process in the counts
     run = loop.run_until_complete
-    daphne = Daphne(private.url)
+    server = AsgiServer(private.url)
     counters = Counters(private.url)
     bare_topics = [str(uuid.uuid4()) for _ in jobs]  # channels of their own: each round reaches one arm
-    sockets = SocketSubscribers(jobs, SUBSCRIBERS, daphne.port, token)
+    sockets = SocketSubscribers(jobs, SUBSCRIBERS, server.port, token)
     bare = BareSubscribers(bare_topics, SUBSCRIBERS, private.url)
     publisher = run(Publisher.start(private.url))
     result: dict[str, Any] = {"jobs": len(jobs), "subscribers": SUBSCRIBERS}
     try:
         # Warm: a few sockets opened and closed (the hub connects, the thread pool starts).
-        warm = SocketSubscribers(jobs, min(10, SUBSCRIBERS), daphne.port, token)
+        warm = SocketSubscribers(jobs, min(10, SUBSCRIBERS), server.port, token)
         run(warm.open())
         run(warm.close())
-        result["rss_before_kib"] = run(settle_rss(daphne))
+        result["rss_before_kib"] = run(settle_rss(server))
         result["open_seconds"] = run(sockets.open())
-        result["rss_open_kib"] = run(settle_rss(daphne))
-        cpu = daphne.cpu_seconds()
+        result["rss_open_kib"] = run(settle_rss(server))
+        cpu = server.cpu_seconds()
         result["idle"] = run(counters.around(lambda: asyncio.sleep(IDLE_SECONDS)))
-        result["idle_cpu_ms"] = (daphne.cpu_seconds() - cpu) * 1000
+        result["idle_cpu_ms"] = (server.cpu_seconds() - cpu) * 1000
         result["idle_seconds"] = IDLE_SECONDS
-        result["asgi_redis"] = counters.asgi_redis_connections(daphne, private.port)
+        result["asgi_redis"] = counters.asgi_redis_connections(server, private.port)
         result["open_after_idle"] = sockets.still_open()
-        extra = SocketSubscribers(jobs, CALIBRATION_SOCKETS, daphne.port, token)
+        extra = SocketSubscribers(jobs, CALIBRATION_SOCKETS, server.port, token)
         result["calibration"] = run(counters.around(extra.open))
         run(extra.close())
         result["bare_open_seconds"] = run(bare.open())
@@ -521,7 +522,7 @@ def shape_measure(
         def one_round(arm: str) -> dict[str, Any]:
             subscribers, round_id = arms_of[arm], next(next_round)
             subscribers.tally = tally = Tally(round_id, SUBSCRIBERS, per_topic)
-            cpu, client_cpu = daphne.cpu_seconds(), time.process_time()
+            cpu, client_cpu = server.cpu_seconds(), time.process_time()
             published = run(publisher.publish(topics=topics_of[arm], per_topic=per_topic, rate=rate, round_id=round_id))
             run(drained(tally))
             return {
@@ -533,7 +534,7 @@ def shape_measure(
                 "lost": tally.expected - tally.received,
                 "duplicates": tally.duplicates,
                 "strays": tally.strays,
-                "asgi_cpu_ms": (daphne.cpu_seconds() - cpu) * 1000,
+                "asgi_cpu_ms": (server.cpu_seconds() - cpu) * 1000,
                 "client_cpu_ms": (time.process_time() - client_cpu) * 1000,
                 "published": published["published"],
                 "publish_seconds": published["seconds"],
@@ -542,14 +543,14 @@ def shape_measure(
 
         result["arms"] = ab_rounds({arm: lambda arm=arm: one_round(arm) for arm in ARMS})
         result["per_topic"], result["rate"] = per_topic, rate
-        result["rss_end_kib"] = daphne.status("VmRSS")
+        result["rss_end_kib"] = server.status("VmRSS")
         result["open_at_end"] = sockets.still_open()
     finally:
         run(bare.close())
         run(sockets.close())
         run(publisher.stop())
         counters.close()
-        daphne.stop()
+        server.stop()
     return result
 
 
@@ -593,8 +594,9 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = [
         "## 11. WebSocket fan-out",
         "",
-        f"{SUBSCRIBERS:,} WebSockets open at once on one ASGI process: `DATABASE_CONN_MAX_AGE=0 daphne --bind "
-        "127.0.0.1 --port … toolexec.asgi:application` (the README's production command), on the bench database "
+        f"{SUBSCRIBERS:,} WebSockets open at once on one ASGI process: `DATABASE_CONN_MAX_AGE=0 uvicorn "
+        "toolexec.asgi:application --host 127.0.0.1 --port … --lifespan off` (the README's production command, one "
+        "process: uvicorn with uvloop, httptools and websockets), on the bench database "
         "and a redis-server of the benchmark's own (no persistence; `INFO commandstats` is server-wide, so nothing "
         "else may talk to it). Each socket follows one RUNNING job on `/ws/v1/jobs/{id}/`, signed in with the "
         '`["toolexec.token", "<token>"]` subprotocol pair; the jobs and their executions are rows written with '

@@ -68,6 +68,16 @@ def web_command(port: int) -> list[str]:
     return [PYTHON, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload", "--nostatic"]
 
 
+def production_asgi_command(port: int, *, host: str = "127.0.0.1", processes: int = 1) -> list[str]:
+    """The README's production ASGI server (run it with DATABASE_CONN_MAX_AGE=0): uvicorn, with
+    uvloop, httptools and the websockets library, serving toolexec.asgi (HTTP and WebSockets);
+    ``processes`` > 1 runs that many behind one port. No lifespan protocol: Channels' router has
+    none. The idle-socket test and the WebSocket benchmark run this very command."""
+    uvicorn = str(Path(PYTHON).parent / "uvicorn")
+    command = [uvicorn, "toolexec.asgi:application", "--host", host, "--port", str(port), "--lifespan", "off"]
+    return [*command, "--workers", str(processes)] if processes > 1 else command
+
+
 def on_stop_signal(signum: int, frame: FrameType | None) -> None:
     raise StopRequested
 

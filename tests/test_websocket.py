@@ -13,6 +13,7 @@ through database_sync_to_async, which closes connections a test transaction woul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -39,7 +40,7 @@ from executions import events, live
 from executions.events import Topic
 from executions.models import Execution, Job
 from instances.models import ToolInstance
-from scripts.run import web_command
+from scripts.run import production_asgi_command, web_command
 from tests.conftest import _database_url, wait_for, web_server
 from tests.factories import UserFactory
 from tests.ws_client import PlainWebSocket
@@ -784,6 +785,20 @@ def free_port() -> int:
 def asgi_server(transactional_db: Any, tmp_path: Path) -> Iterator[int]:
     """The web server `make run` starts (scripts/run.py's command: daphne's runserver) on a free
     port, on the test database; stopped after the test."""
+    with _served(web_command, tmp_path) as port:
+        yield port
+
+
+@pytest.fixture(params=["make run", "production"])
+def either_asgi_server(request: pytest.FixtureRequest, transactional_db: Any, tmp_path: Path) -> Iterator[int]:
+    """The server `make run` starts (daphne's runserver), then the README's production one
+    (uvicorn): a test using this runs on each."""
+    with _served(web_command if request.param == "make run" else production_asgi_command, tmp_path) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def _served(command_for: Callable[[int], list[str]], tmp_path: Path) -> Iterator[int]:
     port = free_port()
     env = {
         **os.environ,
@@ -795,13 +810,14 @@ def asgi_server(transactional_db: Any, tmp_path: Path) -> Iterator[int]:
         "DATABASE_CONN_MAX_AGE": "0",  # as make run starts it
         "PYTHONUNBUFFERED": "1",
     }
-    with web_server(web_command(port), port=port, env=env, log_path=tmp_path / "web.log"):
+    with web_server(command_for(port), port=port, env=env, log_path=tmp_path / "web.log"):
         yield port
 
 
-def test_under_the_asgi_server_make_run_starts_a_websocket_client_follows_a_job_to_completed(
-    asgi_server, rq_worker, user, long_task
+def test_under_the_asgi_server_a_websocket_client_follows_a_job_to_completed(
+    either_asgi_server, rq_worker, user, long_task
 ):
+    asgi_server = either_asgi_server
     rq_worker()
     token = token_of(user)
     request = urllib.request.Request(
@@ -831,8 +847,9 @@ def test_under_the_asgi_server_make_run_starts_a_websocket_client_follows_a_job_
 
 
 def test_under_the_asgi_server_the_sse_stream_sends_its_first_event_within_a_second_then_live_ones(
-    asgi_server, user, queued_job, long_task
+    either_asgi_server, user, queued_job, long_task
 ):
+    asgi_server = either_asgi_server
     token = token_of(user)
     conn = http.client.HTTPConnection("127.0.0.1", asgi_server, timeout=10)
     asked = time.monotonic()

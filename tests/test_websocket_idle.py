@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from executions import events
 from executions.models import Job
 from executions.services.enqueue import execution_enqueue
 from executions.services.jobs import job_claim
-from scripts.run import free_port
+from scripts.run import free_port, production_asgi_command
 from tests.conftest import _database_url, web_server
 from tests.test_queue_recovery import PrivateRedis
 from tests.ws_client import PlainWebSocket
@@ -56,8 +55,9 @@ def private_redis(tmp_path: Path, settings: Any) -> Iterator[PrivateRedis]:
 
 @pytest.fixture
 def production_asgi_server(transactional_db: Any, private_redis: PrivateRedis, tmp_path: Path) -> Iterator[int]:
-    """``daphne toolexec.asgi:application`` with ``DATABASE_CONN_MAX_AGE=0``, as production runs
-    it, on the test database and the private Redis; its port."""
+    """The README's production ASGI server (``production_asgi_command``: uvicorn) with
+    ``DATABASE_CONN_MAX_AGE=0``, as production runs it, on the test database and the private
+    Redis; its port."""
     port = free_port()
     env = {
         **os.environ,
@@ -70,9 +70,7 @@ def production_asgi_server(transactional_db: Any, private_redis: PrivateRedis, t
         "TOOLEXEC_ENCRYPTION_KEYS": ",".join(django_settings.TOOLEXEC_ENCRYPTION_KEYS),
         "PYTHONUNBUFFERED": "1",
     }
-    daphne = str(Path(sys.executable).parent / "daphne")
-    command = [daphne, "--bind", "127.0.0.1", "--port", str(port), "toolexec.asgi:application"]
-    with web_server(command, port=port, env=env, log_path=tmp_path / "daphne.log"):
+    with web_server(production_asgi_command(port), port=port, env=env, log_path=tmp_path / "asgi.log"):
         yield port
 
 
