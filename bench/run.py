@@ -64,9 +64,13 @@ def prepare() -> None:
     )  # fmt: skip
 
 
-def kept_from(text: str, chosen: set[int]) -> tuple[dict[int, tuple[list[str], list[str]]], str]:
+KEPT = re.compile(r"benchmarks? ([\d, ]+?) (?:are )?(?:as measured )?by the run of (.+?)(?=; benchmark|$)")
+
+
+def kept_from(text: str, chosen: set[int]) -> tuple[dict[int, tuple[list[str], list[str]]], dict[int, str]]:
     """Of a document ``render`` wrote, each benchmark not in ``chosen`` as (its section's lines,
-    its target rows) by number, and where they were measured (its date and command lines)."""
+    its target rows) by number, and by number the run that measured it: the one the document's
+    ``kept`` line names for it, else the document's own (its date and command lines)."""
     lines = text.split(NOTES, 1)[0].splitlines()
     kept: dict[int, tuple[list[str], list[str]]] = {}
     current: int | None = None
@@ -81,8 +85,24 @@ def kept_from(text: str, chosen: set[int]) -> tuple[dict[int, tuple[list[str], l
             current = None
         if current is not None and current not in chosen:
             kept.setdefault(current, ([], []))[0].append(line)
-    said = dict(line[2:].split(": ", 1) for line in lines if line.startswith(("- date: ", "- command: ")))
-    return kept, f"{said.get('date', 'an earlier run')} ({said.get('command', '?')})"
+    said = dict(line[2:].split(": ", 1) for line in lines if line.startswith(("- date: ", "- command: ", "- kept: ")))
+    origin = {number: f"{said.get('date', 'an earlier run')} ({said.get('command', '?')})" for number in kept}
+    for numbers, run in KEPT.findall(said.get("kept", "")):
+        for number in (int(n) for n in numbers.split(", ")):
+            if number in origin:
+                origin[number] = run
+    return kept, origin
+
+
+def kept_words(origin: dict[int, str]) -> str:
+    """``kept_from``'s origins in words, one clause per run, in the order of the benchmarks."""
+    runs: dict[str, list[int]] = {}
+    for number in sorted(origin):
+        runs.setdefault(origin[number], []).append(number)
+    return "; ".join(
+        f"{'benchmarks' if len(numbers) > 1 else 'benchmark'} {', '.join(map(str, numbers))} by the run of {run}"
+        for run, numbers in runs.items()
+    )
 
 
 def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], command: str, notes: list[str]) -> str:
@@ -131,11 +151,10 @@ def main(argv: list[str]) -> None:
         numbered.append((int(module.TITLE.split()[1].rstrip(":")), module.section(module.measure())))
     if command != "make bench" and DOC.exists():
         # The benchmarks not run keep their figures, saying from which run they are.
-        kept, when = kept_from(DOC.read_text(), {number for number, _ in numbered})
+        kept, origin = kept_from(DOC.read_text(), {number for number, _ in numbered})
         numbered += [(number, (section, rows)) for number, (section, rows) in kept.items()]
         if kept:
-            names = ", ".join(str(number) for number in sorted(kept))
-            info["kept"] = f"benchmarks {names} are as measured by the run of {when}"
+            info["kept"] = kept_words(origin)
     sections = [section for _, section in sorted(numbered, key=lambda pair: pair[0])]
     common.redis_flush()
     notes: list[str] = []
