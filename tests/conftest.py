@@ -35,6 +35,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="Chromium is not installed (see `make test`'s message)"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _progress_writer_stopped(django_db_setup: Any) -> Iterator[None]:
+    """Tests run jobs in this process too: the progress writer's session (it keeps one) is
+    closed before pytest-django drops the test database."""
+    yield
+    from executions.services.jobs import PROGRESS_WRITER
+
+    PROGRESS_WRITER.stop()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
     """Throttle counters and cached values never leak from one test into the next."""

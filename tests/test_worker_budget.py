@@ -24,6 +24,7 @@ from rq.job import JobStatus
 
 from executions.models import Execution, Job
 from executions.services.enqueue import execution_enqueue
+from executions.services.jobs import PROGRESS_WRITER
 from tests.conftest import wait_for
 from tests.test_async_worker import alive
 from tools.models import ToolDefinition
@@ -172,6 +173,31 @@ def test_heartbeats_during_a_long_job_come_from_the_supervisors_own_session(rq_w
     wait_for(lambda: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, timeout=15, message="the long job")
     wait_for(lambda: other_sessions() == 1, timeout=10, message="the heartbeat session to close")
     assert run(backend_pid) == kept
+
+
+def progress_writing_sessions() -> set[int]:
+    """The backends whose last statement was a progress write (``JobProgress.flush``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            """AND query LIKE 'UPDATE "executions_job" SET "progress"%%'"""
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
+def test_the_progress_of_job_after_job_is_written_on_one_session_the_job_process_keeps(rq_worker, make_instance, user):
+    PROGRESS_WRITER.stop()  # this process's own (earlier tests ran jobs in it): only the worker's count
+    rq_worker()
+    instance = make_instance("demo-long-task", owner=user)
+    writers = []
+    for steps in (4, 5, 6):  # three different runs: an identical one would be answered by the result cache
+        job = execution_enqueue(instance=instance, inputs={"steps": steps, "step_seconds": 0.4}).job
+        # A report the writer wrote while the job runs (the claim wrote 0, the outcome writes 100).
+        wait_for(lambda job=job: 0 < Job.objects.get(pk=job.pk).progress < 100, timeout=15, message="a progress write")
+        writers.append(progress_writing_sessions())
+        wait_for(lambda job=job: Job.objects.get(pk=job.pk).status == Job.Status.COMPLETED, message="the job")
+
+    assert len(writers[0]) == 1 and writers == [writers[0]] * 3, writers
 
 
 def redis_clients() -> set[int]:

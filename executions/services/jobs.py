@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, connections, transaction
 from django.db.models import Exists, F, Func, IntegerField, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.db.models.lookups import LessThan
@@ -86,47 +86,32 @@ class RefusedAtStart(Exception):
 
 class JobProgress:
     """The progress sink of a running job. Every change is published at once; the database
-    gets the latest report from a writer thread, at most once every ``interval`` seconds
-    counted from the claim (which wrote the row), so a tool that reports and then blocks for a
-    while still shows its report within a second. The latest report also goes out with the
-    outcome (:meth:`take`), so the row and the terminal event agree on it."""
+    gets the latest report from this process's ``ProgressWriter``, at most once every
+    ``interval`` seconds counted from the claim (which wrote the row), so a tool that reports and
+    then blocks for a while still shows its report within a second. The latest report also goes
+    out with the outcome (:meth:`take`), so the row and the terminal event agree on it."""
 
     def __init__(self, job: Job, interval: float = PROGRESS_WRITE_INTERVAL) -> None:
         self.job_id = str(job.pk)
         self.interval = interval
-        self._last_write = time.monotonic()
+        self.due_at = time.monotonic() + interval  # the earliest time of the next write
         self._pending: dict[str, Any] | None = None
         self._latest: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._reported = threading.Event()
-        self._ended = threading.Event()
-        self._writer: threading.Thread | None = None
+        self._watched = False
 
     def __call__(self, percent: int, step: str, step_index: int | None, steps_total: int | None) -> None:
         state = {"progress": percent, "current_step": step[:300], "step_index": step_index, "steps_total": steps_total}
         events.publish(self.job_id, {"event": "progress", "status": Job.Status.RUNNING, **state})
         with self._lock:
-            self._pending = self._latest = state
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_latest, name=f"progress-{self.job_id}", daemon=True)
-            self._writer.start()
-        else:
-            self._reported.set()
+            waiting, self._pending, self._latest = self._pending is not None, state, state
+        if not waiting:  # the writer knows when to write a report it has been told of already
+            PROGRESS_WRITER.watch(self, first=not self._watched)
+            self._watched = True
 
-    def _write_latest(self) -> None:
-        try:
-            while not self._ended.wait(max(0.0, self._last_write + self.interval - time.monotonic())):
-                self._reported.clear()
-                if self._pending is None:
-                    self._reported.wait()  # the next report, or the end
-                    if self._ended.is_set():
-                        break
-                try:
-                    self.flush()
-                except DatabaseError:
-                    logger.warning("could not write the progress of job %s", self.job_id, exc_info=True)
-        finally:
-            connections.close_all()  # this thread's own connection
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
 
     def flush(self) -> None:
         """Write the latest report now, if there is one not yet written."""
@@ -139,18 +124,81 @@ class JobProgress:
         Job.objects.filter(pk=self.job_id, status=Job.Status.RUNNING, progress__lte=pending["progress"]).update(
             **pending, heartbeat_at=now, updated_at=now
         )
-        self._last_write = time.monotonic()
+        self.due_at = time.monotonic() + self.interval
 
     def take(self) -> dict[str, Any]:
-        """Stop the writer and return the latest report (empty if none), written or not, for
-        the outcome's own update: the row and the terminal event then agree on it."""
-        self._ended.set()
-        self._reported.set()
-        if self._writer is not None:
-            self._writer.join()
+        """Stop writing and return the latest report (empty if none), written or not, for the
+        outcome's own update: the row and the terminal event then agree on it. (A write the
+        writer has in flight is harmless: it is conditional on the job still running.)"""
+        PROGRESS_WRITER.unwatch(self)
         with self._lock:
             self._pending = None
             return dict(self._latest)
+
+
+class ProgressWriter:
+    """The thread that writes the progress of this process's running jobs to their rows, on one
+    database session it keeps: a job process runs job after job, and a thread with a session of
+    its own per job would cost a connection (a PostgreSQL backend) per job that reports. It
+    starts with the first report and closes its session after ``idle_seconds`` with no job to
+    watch (or on :meth:`stop`)."""
+
+    def __init__(self, idle_seconds: float = 60.0) -> None:
+        self.idle_seconds = idle_seconds
+        self._sinks: set[JobProgress] = set()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def watch(self, sink: JobProgress, *, first: bool = False) -> None:
+        """``sink`` has a report to write (``first``: its first one)."""
+        with self._wake:
+            if first:
+                self._sinks.add(sink)
+            if self._thread is None or not self._thread.is_alive():  # the first report, or in a forked child
+                self._stopping = False
+                self._thread = threading.Thread(target=self._write, name="progress-writer", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def unwatch(self, sink: JobProgress) -> None:
+        with self._wake:
+            self._sinks.discard(sink)
+
+    def stop(self) -> None:
+        """End the thread and close its session (the test suite, before it drops its database)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _write(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    if self._stopping:
+                        return
+                    now = time.monotonic()
+                    waiting = [sink for sink in self._sinks if sink.pending]
+                    due = [sink for sink in waiting if sink.due_at <= now]
+                    if not due:
+                        until = min((sink.due_at for sink in waiting), default=now + self.idle_seconds)
+                        if not self._wake.wait(until - now) and not self._sinks:
+                            connections.close_all()  # nothing to watch for a while: no idle session kept
+                        continue
+                for sink in due:
+                    try:
+                        sink.flush()
+                    except DatabaseError:
+                        logger.warning("could not write the progress of job %s", sink.job_id, exc_info=True)
+                        close_old_connections()  # a broken session is replaced at the next write
+        finally:
+            connections.close_all()  # this thread's own session
+
+
+PROGRESS_WRITER = ProgressWriter()
 
 
 # What a job's run needs from its check: the tool's class, the inputs, the readiness.
