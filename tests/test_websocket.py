@@ -18,12 +18,14 @@ import http.client
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -454,22 +456,63 @@ def hub_connections() -> list[dict[str, Any]]:
     return [c for c in client.client_list() if c.get("name") == live.HUB_CLIENT_NAME and c.get("db") == index]
 
 
-def test_a_listener_is_let_go_only_once_redis_has_confirmed_its_subscription():
+class SlowLink:
+    """A TCP proxy to Redis that holds what its clients send for ``delay`` seconds, as a slow
+    network would: a command sent through it reaches Redis late; answers come back at once."""
+
+    def __init__(self, redis_url: str, delay: float) -> None:
+        self.upstream, self.delay = urlsplit(redis_url), delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = self.upstream._replace(netloc=f"127.0.0.1:{self.listener.getsockname()[1]}").geturl()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection((self.upstream.hostname, self.upstream.port or 6379))
+            threading.Thread(target=self._pipe, args=(upstream, client, 0.0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, self.delay), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                time.sleep(delay)
+                target.sendall(data)
+        for sock in (source, target):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_listener_is_let_go_only_once_redis_has_confirmed_its_subscription(settings):
     """What a listener reads after listen() (the current state, a replay) must come after Redis
-    started sending it the channel's events, or an event between the two would be lost."""
+    started sending it the channel's events, or an event between the two would be lost. The
+    hub's commands reach Redis 0.3 s late here: listen() must not return before."""
     channel = Topic.job("00000000-0000-4000-8000-00000000cafe").channel
-    counter = redis.Redis.from_url(django_settings.REDIS_URL)
+    counter = redis.Redis.from_url(settings.REDIS_URL)  # straight to Redis
+    link = SlowLink(settings.REDIS_URL, delay=0.3)
+    settings.REDIS_URL = link.url  # where the hub connects
 
     async def scenario() -> list[int]:
         hub = live.hub()
         subscribed = []
-        for _ in range(20):
+        for _ in range(3):
             queue = await hub.listen(channel)
             subscribed.append(dict(counter.pubsub_numsub(channel))[channel.encode()])
             await hub.unlisten(channel, queue)
+        await hub.pubsub.aclose()
         return subscribed
 
-    assert run(scenario) == [1] * 20
+    try:
+        assert run(scenario) == [1, 1, 1]
+    finally:
+        link.close()
 
 
 def test_a_socket_whose_hub_lost_redis_gets_the_events_it_missed_once_redis_answers_again(user, queued_job):
