@@ -317,23 +317,20 @@ class Hub:
             except Exception:  # a database that does not answer: the next round asks again
                 logger.warning("Could not look up the quiet live topics", exc_info=True)
 
-    async def sweep(self, *, quiet_for: float) -> int:
+    async def sweep(self, *, quiet_for: float) -> None:
         """Tell the listeners of each channel quiet for ``quiet_for`` seconds whose topic has
-        ended that it did (``ENDED``). Returns how many channels were told."""
+        ended that it did (``ENDED``)."""
         since = time.monotonic() - quiet_for
         quiet: dict[str, list[str]] = {}
         for channel in [channel for channel, heard in self.heard.items() if heard <= since]:
             topic = events.Topic.of_channel(channel)
             if topic is not None and topic.kind in ENDED_LOOKUPS:
                 quiet.setdefault(topic.kind, []).append(topic.ident)
-        told = 0
         for kind, idents in quiet.items():
             for ident in await database_sync_to_async(ENDED_LOOKUPS[kind])(idents):
                 channel = events.Topic(kind, ident).channel
                 for queue in self.queues.get(channel, ()):
                     queue.put_nowait((channel, ENDED))
-                told += 1
-        return told
 
     def _confirmed(self, channel: str) -> None:
         """Redis confirmed a subscription to ``channel``: its waiting listeners go on, and after

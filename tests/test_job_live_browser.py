@@ -231,16 +231,21 @@ def start_long_job(browser: Browser, rq_worker: Any, user: Any, make_instance: A
     return accepted.job
 
 
+def wait_for_websocket_progress(browser: Browser, *, at_least: int) -> None:
+    """Until the page shows ``at_least`` percent, followed over the WebSocket."""
+    browser.wait(
+        lambda d: (_live_state(browser)["value"] or 0) >= at_least and applied(browser)["mode"] == "websocket",
+        timeout=30,
+        message="progress over the WebSocket",
+    )
+
+
 @pytest.mark.browser
 def test_after_the_network_drops_the_job_page_reconnects_and_no_progress_mark_is_lost(
     browser, network, rq_worker, user, make_instance
 ):
     job = start_long_job(browser, rq_worker, user, make_instance, steps=40, step_seconds=0.15)
-    browser.wait(
-        lambda d: (_live_state(browser)["value"] or 0) >= 10 and applied(browser)["mode"] == "websocket",
-        timeout=30,
-        message="progress over the WebSocket",
-    )
+    wait_for_websocket_progress(browser, at_least=10)
     before = applied(browser)["last"]
     network.drop(down_for=1.0)
     time.sleep(1.0)
@@ -261,11 +266,7 @@ def test_when_the_websocket_cannot_come_back_the_events_stream_resumes_after_the
     browser, network, rq_worker, user, make_instance
 ):
     job = start_long_job(browser, rq_worker, user, make_instance, steps=60, step_seconds=0.25)
-    browser.wait(
-        lambda d: (_live_state(browser)["value"] or 0) >= 5 and applied(browser)["mode"] == "websocket",
-        timeout=30,
-        message="progress over the WebSocket",
-    )
+    wait_for_websocket_progress(browser, at_least=5)
     network.refuse_websockets = True  # every retry of the socket fails from now on
     network.drop()
     browser.wait(lambda d: applied(browser)["mode"] == "stream", timeout=20, message="the page to fall back to SSE")

@@ -98,7 +98,6 @@ class JobProgress:
         self._pending: dict[str, Any] | None = None
         self._latest: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._watched = False
 
     def __call__(self, percent: int, step: str, step_index: int | None, steps_total: int | None) -> None:
         state = {"progress": percent, "current_step": step[:300], "step_index": step_index, "steps_total": steps_total}
@@ -106,8 +105,7 @@ class JobProgress:
         with self._lock:
             waiting, self._pending, self._latest = self._pending is not None, state, state
         if not waiting:  # the writer knows when to write a report it has been told of already
-            PROGRESS_WRITER.watch(self, first=not self._watched)
-            self._watched = True
+            PROGRESS_WRITER.watch(self)
 
     @property
     def pending(self) -> bool:
@@ -150,11 +148,10 @@ class ProgressWriter:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def watch(self, sink: JobProgress, *, first: bool = False) -> None:
-        """``sink`` has a report to write (``first``: its first one)."""
+    def watch(self, sink: JobProgress) -> None:
+        """``sink`` has a report to write."""
         with self._wake:
-            if first:
-                self._sinks.add(sink)
+            self._sinks.add(sink)
             if self._thread is None or not self._thread.is_alive():  # the first report, or in a forked child
                 self._stopping = False
                 self._thread = threading.Thread(target=self._write, name="progress-writer", daemon=True)
