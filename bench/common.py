@@ -69,9 +69,9 @@ def subprocess_env() -> dict[str, str]:
 
 def database_recreate() -> None:
     """Drop and create the bench database (nothing else on the server is touched)."""
-    import psycopg2
+    import psycopg
 
-    conn = psycopg2.connect(database_url("postgres"))
+    conn = psycopg.connect(database_url("postgres"))
     conn.autocommit = True
     with conn.cursor() as cursor:
         cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
@@ -255,11 +255,11 @@ class PgStats:
     database for pg_stat_database, so its own transactions are not counted in the bench's)."""
 
     def __init__(self) -> None:
-        import psycopg2
+        import psycopg
 
-        self.server = psycopg2.connect(database_url("postgres"))
+        self.server = psycopg.connect(database_url("postgres"))
         self.server.autocommit = True
-        self.bench = psycopg2.connect(database_url())
+        self.bench = psycopg.connect(database_url())
         self.bench.autocommit = True
 
     def _one(self, conn: Any, sql: str, params: tuple = ()) -> tuple:
@@ -315,7 +315,7 @@ def machine() -> dict[str, str]:
     import celery
     import django
     import gunicorn
-    import psycopg2
+    import psycopg
     import redis
     import rq
 
@@ -339,7 +339,7 @@ def machine() -> dict[str, str]:
         "django": django.get_version(),
         "postgresql": postgres,
         "redis": redis.Redis.from_url(REDIS_URL).info("server")["redis_version"],
-        "psycopg2": psycopg2.__version__.split()[0],
+        "psycopg": psycopg.__version__,
         "gunicorn": gunicorn.__version__,
         "wrk": wrk[0] if wrk else "?",
         "rq": rq.__version__,

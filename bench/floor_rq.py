@@ -2,7 +2,7 @@
 RQ's forking worker, so the product's gap to bare RQ can be told apart from what a record
 costs by itself. Not a target; the worker benchmarks' counterpart of benchmark 1's floor.
 
-``FloorWorker`` is RQ's ``Worker`` holding one PostgreSQL connection (psycopg2, no Django),
+``FloorWorker`` is RQ's ``Worker`` holding one PostgreSQL connection (psycopg, no Django),
 lent to every work-horse (the product's forking worker did the same until issue 20). ``recorded_noop`` does the least a
 recorded run needs: it claims its row (``UPDATE … WHERE status = 'QUEUED'``, committed), takes
 its first line, and records the outcome (``UPDATE``, committed): two durable commits, as the
@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any
 
-import psycopg2
+import psycopg
 from rq import get_current_job
 from rq.worker import Worker
 
@@ -42,7 +42,7 @@ class FloorWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         global _lent
-        _lent = psycopg2.connect(os.environ[DSN_VARIABLE])
+        _lent = psycopg.connect(os.environ[DSN_VARIABLE])
         _lent.autocommit = True
 
 

@@ -150,7 +150,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "own CLI, no Django), from the return of `enqueue` to the function's first line. *floor* (not a target: "
         "what a job with a durable record costs by itself): `Queue.enqueue` of `bench/floor_rq.py`'s "
         "`recorded_noop` after inserting its row, run by `rq worker --worker-class bench.floor_rq.FloorWorker "
-        "--with-scheduler` (RQ's `Worker` lending one psycopg2 connection to its horses, no Django); the job "
+        "--with-scheduler` (RQ's `Worker` lending one psycopg connection to its horses, no Django); the job "
         "claims its row with a committed UPDATE, then takes its first line, then records its outcome with "
         "another. *simple-bare* (the target's arm): the same no-op run by `rq worker --worker-class "
         "rq.SimpleWorker --with-scheduler` (RQ's own CLI, no Django, no fork). *warm-floor* (not a target): "

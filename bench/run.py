@@ -119,7 +119,7 @@ def render(sections: list[tuple[list[str], list[str]]], info: dict[str, str], co
         f"- machine: nproc {info['nproc']} ({info['cpu']}); load generator, gunicorn, PostgreSQL and Redis "
         "share these cores",
         f"- versions: Python {info['python']}, Django {info['django']}, PostgreSQL {info['postgresql']}, "
-        f"Redis {info['redis']}, psycopg2 {info['psycopg2']}, gunicorn {info['gunicorn']}, {info['wrk']}, "
+        f"Redis {info['redis']}, psycopg {info['psycopg']}, gunicorn {info['gunicorn']}, {info['wrk']}, "
         f"RQ {info['rq']}, Celery {info['celery']} (the benchmark's peer only)",
         "",
         "## Targets",

@@ -399,10 +399,10 @@ class Counters:
     own redis-server)."""
 
     def __init__(self, redis_url: str) -> None:
-        import psycopg2
+        import psycopg
         import redis
 
-        self.pg = psycopg2.connect(database_url("postgres"))
+        self.pg = psycopg.connect(database_url("postgres"))
         self.pg.autocommit = True
         self.redis = redis.Redis.from_url(redis_url)
 

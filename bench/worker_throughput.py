@@ -174,7 +174,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "task's SUCCESS row is there. For reference (targets of the previous issue): *bare*, a no-op function "
         "(`bench/bare_rq.py`) enqueued with `Queue.enqueue`, run by `rq worker --worker-class rq.Worker "
         "--with-scheduler` (RQ's own CLI, no Django); *floor*, `bench/floor_rq.py`'s `recorded_noop` on RQ's "
-        "forking `Worker` lending one psycopg2 connection to its horses (the same claim and outcome, plain SQL). "
+        "forking `Worker` lending one psycopg connection to its horses (the same claim and outcome, plain SQL). "
         "Every arm's jobs record the "
         "`time.time()` of their first line and their worker (pool process for Celery) in a Redis list. The "
         "rate is counted while every process of the arm was working: first lines from the latest of the "

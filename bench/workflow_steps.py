@@ -373,7 +373,7 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         f"In this process, {statements['runs']} runs of the same workflow with no worker (after 3 discarded): "
         "`job_run` of A's job called directly, then B's. A's statements and commits from its tool's return, "
         "each with its milliseconds (median over the runs; `connection.execute_wrapper`, and the connection's "
-        "`commit` wrapped; psycopg2 sends a transaction's BEGIN with its first statement, so that round trip "
+        "`commit` wrapped; psycopg sends a transaction's BEGIN just before its first statement, so that round trip "
         "is in that statement's time). The engine's receiver (the first part's statements from its first "
         f"`workflows_` one on), which accepts B's execution too, takes {ms(totals['engine'])} ms in all, Python "
         "included; B goes to RQ when A's transaction commits.",

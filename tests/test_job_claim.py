@@ -7,6 +7,8 @@ tests/test_concurrency.py.)"""
 from __future__ import annotations
 
 import pytest
+from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from credits.models import CreditAccount
@@ -68,6 +70,25 @@ def test_a_job_without_an_instance_or_a_credit_account_is_claimed_with_them_know
 
 def test_no_such_job_claims_nothing(db):
     assert job_claim(job_id="00000000-0000-0000-0000-000000000000", worker_name="w") is None
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
+def test_a_worker_plans_its_claim_once_per_connection_not_once_per_job(make_instance, user):
+    """The claim's load joins six tables; PostgreSQL plans it once the connection has run it
+    DATABASE_PREPARE_THRESHOLD times (settings.py), then runs that plan for every other job."""
+    threshold = settings.DATABASES["default"]["OPTIONS"]["prepare_threshold"]
+    jobs = [accepted_job(make_instance, user) for _ in range(threshold + 1)]
+
+    for job in jobs:
+        job_run(job_id=str(job.pk), worker_name="w")
+
+    assert {job.status for job in Job.objects.filter(pk__in=[job.pk for job in jobs])} == {Job.Status.COMPLETED}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql AND statement LIKE %s",
+            ['SELECT %FROM "executions_job"%FOR NO KEY UPDATE OF "executions_job", "auth_user"'],
+        )
+        assert cursor.fetchone()[0] == 1
 
 
 def test_a_duplicate_delivery_claims_nothing(make_instance, user):

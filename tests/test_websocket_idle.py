@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg2
+import psycopg
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection
@@ -81,7 +81,7 @@ class OutsideCounts:
     def __init__(self, private_redis: PrivateRedis) -> None:
         settings_dict = connection.settings_dict
         self.database = settings_dict["NAME"]
-        self.pg = psycopg2.connect(_database_url({**settings_dict, "NAME": "postgres"}))
+        self.pg = psycopg.connect(_database_url({**settings_dict, "NAME": "postgres"}))
         self.pg.autocommit = True
         self.redis = private_redis.client()
 

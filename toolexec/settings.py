@@ -141,6 +141,17 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Parameters are bound on the server, so a statement's text is the same whatever its values,
+    # and psycopg prepares a statement once a connection has run it DATABASE_PREPARE_THRESHOLD
+    # times: PostgreSQL then plans it once per connection instead of on every run (the worker's
+    # claim joins six tables; planning it was most of its cost). These are protocol-level
+    # prepared statements, which PgBouncer in transaction mode keeps track of from 1.21 on
+    # (`max_prepared_statements`); behind an older pooler, set it to 0 (never prepare).
+    DATABASES["default"]["OPTIONS"] = {
+        "server_side_binding": True,
+        "prepare_threshold": env_int("DATABASE_PREPARE_THRESHOLD", 5) or None,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, RQ, pub/sub ----------------------------------------------------------
