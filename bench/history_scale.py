@@ -69,7 +69,7 @@ EXECUTIONS_SQL = """
 INSERT INTO executions_execution (
     id, instance_id, tool_id, owner_id, mode, status, input_data, output_data, error_code, error_message,
     error_metadata, credits_consumed, credits_held, started_at, finished_at, duration_ms, idempotency_key,
-    request_fingerprint, cache_hit, created_at
+    request_fingerprint, cache_hit, origin, created_at
 )
 SELECT
     gen_random_uuid(), i.id, i.tool_id, i.owner_id, r.mode, r.status,
@@ -93,7 +93,7 @@ SELECT
     CASE WHEN r.status NOT IN ('PENDING', 'RUNNING')
          THEN r.created_at + interval '3 milliseconds' + r.duration_ms * interval '1 millisecond' END,
     CASE WHEN r.status NOT IN ('PENDING', 'RUNNING') THEN r.duration_ms END,
-    '', '', false, r.created_at
+    '', '', false, '', r.created_at
 FROM (
     SELECT g.*,
         CASE WHEN g.r_mode < 0.25 THEN 'ASYNC' ELSE 'SYNC' END AS mode,

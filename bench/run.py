@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 from . import common
@@ -144,12 +145,18 @@ def main(argv: list[str]) -> None:
     command = "make bench" if chosen == list(BENCHMARKS) else f"python -m bench.run {' '.join(chosen)}"
     prepare()
     info = common.machine()
-    numbered = []
+    numbered, failed = [], []
     for name in chosen:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"{module.TITLE} …", flush=True)
-        numbered.append((int(module.TITLE.split()[1].rstrip(":")), module.section(module.measure())))
-    if command != "make bench" and DOC.exists():
+        try:
+            numbered.append((int(module.TITLE.split()[1].rstrip(":")), module.section(module.measure())))
+        except Exception:  # noqa: BLE001 - whatever broke, the other benchmarks still count
+            # A whole run takes most of an hour: one benchmark that fails does not throw the
+            # others' figures away. It keeps its previous ones, and the run fails at the end.
+            traceback.print_exc()
+            failed.append(name)
+    if (failed or command != "make bench") and DOC.exists():
         # The benchmarks not run keep their figures, saying from which run they are.
         kept, origin = kept_from(DOC.read_text(), {number for number, _ in numbered})
         numbered += [(number, (section, rows)) for number, (section, rows) in kept.items()]
@@ -162,6 +169,8 @@ def main(argv: list[str]) -> None:
         notes = [NOTES + DOC.read_text().split(NOTES, 1)[1]]  # people's reading of the figures stays
     DOC.write_text(render(sections, info, command, notes))
     print(f"wrote {DOC}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (the document keeps their previous figures)")
 
 
 if __name__ == "__main__":
