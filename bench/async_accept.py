@@ -17,7 +17,19 @@ from typing import Any
 
 from tests.redis_trips import redis_round_trips
 
-from .common import REDIS_URL, ROUNDS, Arms, Gunicorn, ab_rounds, free_port, ms, redis_flush, verdict, wrk
+from .common import (
+    REDIS_URL,
+    ROUNDS,
+    Arms,
+    Gunicorn,
+    ab_rounds,
+    accepted_jobs_discard,
+    free_port,
+    ms,
+    redis_flush,
+    verdict,
+    wrk,
+)
 
 TITLE = "benchmark 2: async accept latency"
 ROUND_SECONDS = 5
@@ -227,6 +239,7 @@ def measure() -> dict[str, Any]:
         for server in servers.values():
             server.stop()
         redis_flush()
+        accepted_jobs_discard()
     return {"arms": by_connections, "in_process": in_process, "commandstats": stats, "round_seconds": ROUND_SECONDS}
 
 
@@ -242,7 +255,9 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "through gunicorn (2 sync workers, 127.0.0.1), against the same endpoint in a second gunicorn "
         f"started with `{ENQUEUE_OFF}=1`: bench/apps.py then makes RQ's `enqueue_call` a no-op, and "
         "everything else on the path stays (readiness, both inserts in one transaction, the on_commit "
-        "callback, the 202 answer). No worker runs, so Redis is flushed before every round. "
+        "callback, the 202 answer). No worker runs, so Redis is flushed before every round, and at the "
+        "end the jobs accepted are ended CANCELLED (`accepted_jobs_discard`: left QUEUED, a later "
+        "benchmark's worker would run them). "
         f"wrk with a JSON body, {result['round_seconds']} s per round, one warm-up round per arm, then "
         f"{ROUNDS} rounds alternating the order (A B, B A, …). Latency figures are the median "
         "and the p99 *over rounds* of each round's own p50 / p99 from wrk; throughput likewise.",

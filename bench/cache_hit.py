@@ -14,7 +14,18 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from .common import ROUNDS, Arms, Gunicorn, ab_rounds, ms, phases_timed, redis_flush, verdict, wrk
+from .common import (
+    ROUNDS,
+    Arms,
+    Gunicorn,
+    ab_rounds,
+    accepted_jobs_discard,
+    ms,
+    phases_timed,
+    redis_flush,
+    verdict,
+    wrk,
+)
 
 TITLE = "benchmark 9: result cache"
 ROUND_SECONDS = 5
@@ -202,6 +213,7 @@ def measure() -> dict[str, Any]:
     finally:
         server.stop()
         redis_flush()
+        accepted_jobs_discard()
     recorded = hits_recorded(instances["bench-cached-noop"])
     assert recorded["sync"]["runs"] - recorded["sync"]["hits"] == 1, recorded  # the priming run only
     return {
@@ -235,7 +247,8 @@ def section(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         "*sync run*: the same endpoint of `bench-noop` (not cacheable), the tool run in its thread. "
         "*async hit*: `POST …/execute-async` of the cached tool (the same primed entry); *async accept*: "
         "`execute-async` of `bench-noop`, accepted and queued; no worker runs, so Redis is flushed before "
-        f"every async round. The async hit's 202 said `status: {seen['async_status']}`; the cached "
+        "every async round and its accepted jobs are ended CANCELLED at the end. "
+        f"The async hit's 202 said `status: {seen['async_status']}`; the cached "
         f"instance's async executions were {async_rec['runs']}, of which {async_rec['hits']} hits. "
         f"wrk, {result['round_seconds']} s per round, one warm-up round per arm, then {ROUNDS} rounds "
         "alternating the order (A B, B A, …) within each pair. Latency figures are the median and the p99 "

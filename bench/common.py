@@ -85,6 +85,26 @@ def redis_flush() -> None:
     redis.Redis.from_url(REDIS_URL).flushdb()
 
 
+def accepted_jobs_discard() -> int:
+    """End CANCELLED, with their executions, the jobs a benchmark accepted with no worker to run
+    them (benchmarks 2 and 9), once it has flushed their RQ jobs; returns how many. Left QUEUED,
+    they are what the product's reaper exists for (jobs_requeue_lost): every later benchmark's
+    worker would queue them again, 100 at each round, and the jobs it measures would wait
+    behind them (queue-to-start p99 near a second, a slower drain, more CPU per job)."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    from executions.models import Execution, Job
+
+    now = timezone.now()
+    with transaction.atomic():
+        queued = Job.objects.filter(status=Job.Status.QUEUED)
+        Execution.objects.filter(pk__in=queued.values("execution_id"), status=Execution.Status.PENDING).update(
+            status=Execution.Status.CANCELLED, finished_at=now
+        )
+        return queued.update(status=Job.Status.CANCELLED, finished_at=now, updated_at=now)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
