@@ -75,3 +75,20 @@ def test_deploy_checks_are_clean_with_the_required_settings():
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+def test_a_database_urls_own_options_are_kept_beside_prepared_statements():
+    """DATABASE_URL's query (``?sslmode=require``) reaches the driver with the settings'
+    own PostgreSQL options; nothing connects, the settings are only read."""
+    result = _manage(
+        "shell",
+        "-c",
+        "from django.conf import settings; print(sorted(settings.DATABASES['default']['OPTIONS'].items()))",
+        DEBUG="true",
+        DATABASE_URL="postgres://someone@db.invalid:5432/toolexec?sslmode=require",
+        DATABASE_PREPARE_THRESHOLD="7",
+    )
+
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.strip().splitlines()[-1]
+    assert options == "[('prepare_threshold', 7), ('server_side_binding', True), ('sslmode', 'require')]"

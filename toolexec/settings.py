@@ -147,11 +147,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # times: PostgreSQL then plans it once per connection instead of on every run (the worker's
     # claim joins six tables; planning it was most of its cost). These are protocol-level
     # prepared statements, which PgBouncer in transaction mode keeps track of from 1.21 on
-    # (`max_prepared_statements`); behind an older pooler, set it to 0 (never prepare).
-    DATABASES["default"]["OPTIONS"] = {
-        "server_side_binding": True,
-        "prepare_threshold": env_int("DATABASE_PREPARE_THRESHOLD", 5) or None,
-    }
+    # (`max_prepared_statements`); behind an older pooler, set it to 0 (never prepare). Added to
+    # what DATABASE_URL's own query asks for (`?sslmode=require`, say).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        server_side_binding=True,
+        prepare_threshold=env_int("DATABASE_PREPARE_THRESHOLD", 5) or None,
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, RQ, pub/sub ----------------------------------------------------------
